@@ -1,0 +1,235 @@
+"""Quantization configuration: small typed frozen dataclasses that round-trip through JSON.
+
+A config says *what* to quantize and *how*; the plan pass turns it into per-node decisions. The
+defaults are the fast, accurate choice for ONNX Runtime's CPU execution provider: uint8 asymmetric
+per-tensor activations with int8 symmetric per-channel weights (the pair its VNNI/AVX2 kernels run
+fastest), calibrated with MinMax.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from onnxq.errors import ConfigError
+from onnxq.qmath import INT_TYPES
+
+TARGETS = ("cpu",)
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale and zero point for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per output channel. ``axis=None`` picks the layout's channel axis for each weight:
+    MatMul ``[K, N]`` → 1, Gemm ``transB=1`` → 0, Conv ``[M, C/g, kh, kw]`` → 0, ConvTranspose
+    ``[C, M/g, kh, kw]`` → 1. 1-D and scalar tensors are always per-tensor."""
+
+    axis: int | None = None
+
+
+Granularity = PerTensor | PerChannel
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: integer type, symmetric or not, and granularity."""
+
+    dtype: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
+    symmetric: bool = False
+    granularity: Granularity = field(default_factory=PerTensor)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in INT_TYPES:
+            raise ConfigError(
+                f"unsupported quantization dtype {self.dtype!r}; use one of {', '.join(INT_TYPES)}"
+            )
+        if not isinstance(self.granularity, PerTensor | PerChannel):
+            raise ConfigError("granularity must be PerTensor() or PerChannel(axis=None|int)")
+
+
+@dataclass(frozen=True)
+class MinMax:
+    """Calibration by the running minimum and maximum of each tensor over all samples.
+
+    ``moving_average`` (0 < c < 1) replaces the global extremes by an exponential moving average of
+    the per-sample extremes, which ignores rare spikes.
+    """
+
+    moving_average: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.moving_average is not None and not 0.0 < self.moving_average < 1.0:
+            raise ConfigError("MinMax(moving_average=c) needs 0 < c < 1")
+
+
+Calibration = MinMax
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides what onnxq does to a model.
+
+    - ``target``: the runtime the model ships to; picks the placement rules (``"cpu"``: ONNX
+      Runtime's CPU EP).
+    - ``activations`` / ``weights``: the default :class:`QuantSpec` of each kind of tensor.
+    - ``calibration``: how activation ranges are measured.
+    - ``op_types``: restrict quantization to these op types (``None``: every op the target runs
+      faster in integer).
+    - ``exclude_nodes``: node names (``fnmatch`` patterns) left in float.
+    - ``exclude_op_types``: op types left in float.
+    - ``exclude_if``: a predicate on an ``onnx_ir.Node``; true leaves the node in float. Not
+      serialisable: a config holding one cannot be written to JSON.
+    - ``overrides``: tensor name → :class:`QuantSpec` for that tensor, or ``None`` to keep it float.
+    - ``num_samples``: use at most this many calibration samples (``None``: all).
+    - ``fidelity``: measure fp32 vs quantized outputs on the calibration inputs after quantizing.
+    """
+
+    target: Literal["cpu"] = "cpu"
+    activations: QuantSpec = field(default_factory=lambda: QuantSpec("uint8", False, PerTensor()))
+    weights: QuantSpec = field(default_factory=lambda: QuantSpec("int8", True, PerChannel()))
+    calibration: Calibration = field(default_factory=MinMax)
+    op_types: tuple[str, ...] | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    exclude_if: Callable[[Any], bool] | None = field(default=None, compare=False)
+    overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    num_samples: int | None = None
+    fidelity: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}; supported targets: {', '.join(TARGETS)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError("num_samples must be a positive integer or None")
+        for name in ("op_types", "exclude_nodes", "exclude_op_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ConfigError(f"{name} must be a list of strings, not the single string {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+
+    def with_changes(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (the config itself is immutable)."""
+        return replace(self, **changes)
+
+    # --- JSON round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``QuantConfig.from_dict(c.to_dict()) == c``."""
+        if self.exclude_if is not None:
+            raise ConfigError(
+                "a config with an exclude_if predicate cannot be serialised; "
+                "use exclude_nodes or exclude_op_types instead"
+            )
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "exclude_if":
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("activations", "weights"):
+                value = _spec_to_dict(value)
+            elif f.name == "calibration":
+                value = {"method": type(value).__name__, **asdict(value)}
+            elif f.name == "overrides":
+                value = {k: (None if v is None else _spec_to_dict(v)) for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys are an error that names them."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("a config must be a JSON object")
+        known = {f.name for f in fields(cls)} - {"exclude_if"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        kwargs: dict[str, Any] = dict(data)
+        try:
+            for key in ("activations", "weights"):
+                if key in kwargs:
+                    kwargs[key] = _spec_from_dict(kwargs[key])
+            if "calibration" in kwargs:
+                cal = dict(kwargs["calibration"])
+                method = cal.pop("method", "MinMax")
+                if method not in _CALIBRATIONS:
+                    raise ConfigError(
+                        f"unknown calibration method {method!r}; use one of {', '.join(_CALIBRATIONS)}"
+                    )
+                kwargs["calibration"] = _CALIBRATIONS[method](**cal)
+            if "overrides" in kwargs:
+                kwargs["overrides"] = {
+                    k: (None if v is None else _spec_from_dict(v)) for k, v in kwargs["overrides"].items()
+                }
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"invalid config: {exc}") from None
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> QuantConfig:
+        """Read a config from JSON text or from a ``.json`` file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text_or_path).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {text_or_path}: {exc.strerror}") from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    @classmethod
+    def for_target(cls, target: str, **changes: Any) -> QuantConfig:
+        """The preset for a target runtime, with optional changes."""
+        return cls(target=target, **changes)  # type: ignore[arg-type]
+
+
+_CALIBRATIONS: dict[str, type] = {"MinMax": MinMax}
+
+
+def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
+    gran = spec.granularity
+    g: dict[str, Any] = (
+        {"kind": "per_tensor"}
+        if isinstance(gran, PerTensor)
+        else {
+            "kind": "per_channel",
+            "axis": gran.axis,
+        }
+    )
+    return {"dtype": spec.dtype, "symmetric": spec.symmetric, "granularity": g}
+
+
+def _spec_from_dict(data: Mapping[str, Any]) -> QuantSpec:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a quantization spec must be an object, got {data!r}")
+    gran = data.get("granularity", {"kind": "per_tensor"})
+    kind = gran.get("kind") if isinstance(gran, Mapping) else gran
+    if kind == "per_tensor":
+        granularity: Granularity = PerTensor()
+    elif kind == "per_channel":
+        granularity = PerChannel(gran.get("axis") if isinstance(gran, Mapping) else None)
+    else:
+        raise ConfigError(f"unknown granularity {kind!r}; use 'per_tensor' or 'per_channel'")
+    return QuantSpec(
+        dtype=data.get("dtype", "uint8"),
+        symmetric=bool(data.get("symmetric", False)),
+        granularity=granularity,
+    )

@@ -1,0 +1,54 @@
+"""Small helpers shared by the passes."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import numpy as np
+import onnx_ir as ir
+
+
+class Namer:
+    """Hands out value/node names that do not clash with any name already in ``graph``."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken: set[str] = {v.name for v in graph.inputs if v.name}
+        self.taken.update(graph.initializers)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.name:
+                self.taken.add(node.name)
+            self.taken.update(v.name for v in node.outputs if v.name)
+
+    def __call__(self, base: str) -> str:
+        name = base
+        for i in itertools.count(1):
+            if name not in self.taken:
+                break
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer ``name`` holding ``array`` (the name must be free)."""
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of an initializer (None for anything computed at run time)."""
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def release(value: ir.Value) -> None:
+    """Unmap a file-backed initializer's pages once its data has been used."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array view is still alive: unmapped when it dies
+            tensor.release()

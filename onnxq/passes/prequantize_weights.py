@@ -1,0 +1,46 @@
+"""Weights stored as integers: every QuantizeLinear of a constant becomes an integer initializer.
+
+Guarantees: after this pass no QuantizeLinear reads a constant; each such Q is replaced by an
+int8/uint8 initializer computed exactly as ONNX QuantizeLinear would (round half to even,
+saturation), feeding the existing DequantizeLinear nodes. The float weight is dropped when nothing
+else uses it; a weight shared with float consumers keeps its original name and value.
+Weights are processed one at a time and file-backed ones are unmapped after use.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxq.passes._util import Namer, add_initializer, constant_array, release
+from onnxq.qmath import quantize
+
+
+class PrequantizeWeights(ir.passes.InPlacePass):
+    """Fold QuantizeLinear(constant) into an integer initializer."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        namer = Namer(graph)
+        modified = False
+        for node in list(graph):
+            if node.op_type != "QuantizeLinear":
+                continue
+            weight = node.inputs[0]
+            array = constant_array(weight)
+            scale = constant_array(node.inputs[1])
+            zero_point = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+            if array is None or scale is None or zero_point is None:
+                continue
+            axis = node.attributes.get_int("axis", 1) if scale.ndim == 1 and scale.size > 1 else None
+            if axis is not None and axis < 0:
+                axis += array.ndim
+            q = quantize(array, scale, zero_point, axis)
+            del array
+            release(weight)
+            q_value = add_initializer(graph, namer(f"{weight.name}_quantized"), q)
+            node.outputs[0].replace_all_uses_with(q_value)
+            graph.remove(node, safe=True)
+            if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
+                graph.initializers.pop(weight.name)
+            modified = True
+        return ir.passes.PassResult(model, modified)

@@ -1,0 +1,240 @@
+"""``onnxq.quantize``: the whole static pipeline, one readable list of passes.
+
+prepare (opset, constant folding, Constant → initializer, BatchNorm folding, Identity removal,
+shape inference) → plan → MinMax calibration → rewrite (QDQ insertion, weight pre-quantization,
+int32 bias, clean-up) → check → save → fidelity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    RemoveUnusedNodesPass,
+    ShapeInferencePass,
+)
+
+from onnxq import metrics
+from onnxq.calibrate import calibrate_minmax, make_session, session_options
+from onnxq.config import QuantConfig
+from onnxq.data import Sample, model_inputs, peek_samples
+from onnxq.errors import ConfigError, OnnxqError, QuantizationError
+from onnxq.model_io import load_model, save_model
+from onnxq.passes.cleanup import Cleanup
+from onnxq.passes.fold_batchnorm import FoldBatchNorm
+from onnxq.passes.fold_constants import FoldConstants
+from onnxq.passes.insert_qdq import InsertQDQ
+from onnxq.passes.prequantize_weights import PrequantizeWeights
+from onnxq.passes.quantize_bias import QuantizeBias
+from onnxq.passes.upgrade_opset import UpgradeOpset
+from onnxq.plan import QUANTIZED_OPS, Planner, QuantPlan
+from onnxq.result import FloatNode, OutputFidelity, QuantizationResult, QuantizationSummary
+
+log = logging.getLogger(__name__)
+
+
+def prepare_passes(upgrade: UpgradeOpset) -> ir.passes.PassManager:
+    """Passes that put any model into the canonical form the planner reads."""
+    return ir.passes.PassManager(
+        [
+            upgrade,
+            LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+            FoldConstants(),
+            LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+            FoldBatchNorm(),
+            IdentityEliminationPass(),
+            RemoveUnusedNodesPass(),
+            NameFixPass(),
+            ShapeInferencePass(),
+        ]
+    )
+
+
+def rewrite_passes(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> ir.passes.PassManager:
+    """Passes that apply a calibrated plan."""
+    return ir.passes.PassManager([InsertQDQ(plan, ranges), PrequantizeWeights(), QuantizeBias(), Cleanup()])
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _reject_quantized(model: ir.Model) -> None:
+    ops = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
+    if ops:
+        raise QuantizationError(
+            f"the model is already quantized (it contains {', '.join(ops)}); quantize the float model instead"
+        )
+
+
+def prepare(model: Any) -> tuple[ir.Model, UpgradeOpset]:
+    """Load ``model`` and run the prepare passes (the input itself is never modified)."""
+    ir_model = load_model(model)
+    _reject_quantized(ir_model)
+    upgrade = UpgradeOpset()
+    try:
+        prepare_passes(upgrade)(ir_model)
+    except OnnxqError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"could not prepare the model for quantization: {_root_cause(exc)}") from exc
+    return ir_model, upgrade
+
+
+def make_plan(model: ir.Model, config: QuantConfig) -> QuantPlan:
+    """The quantization plan of a prepared model."""
+    return Planner(config).plan(model)
+
+
+def _default_output(model: Any) -> Path | None:
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if path.is_dir():
+            return path / "model.quant.onnx"
+        return path.with_name(path.stem + ".quant.onnx")
+    return None
+
+
+def _size_of(model: Any, ir_model: ir.Model) -> int:
+    if isinstance(model, str | os.PathLike) and Path(model).is_file():
+        path = Path(model)
+        return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    return sum(
+        v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None
+    )
+
+
+def measure_fidelity(
+    model: ir.Model, inputs: list[Sample], references: list[dict[str, np.ndarray]]
+) -> tuple[OutputFidelity, ...]:
+    """Cosine, SQNR and max abs error of ``model``'s outputs against fp32 ``references``."""
+    if not inputs:
+        return ()
+    session = make_session(model, session_options())
+    names = [o.name for o in session.get_outputs()]
+    refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for sample, ref in zip(inputs, references, strict=True):
+        for name, value in zip(names, session.run(names, sample), strict=True):
+            if name in ref and np.issubdtype(value.dtype, np.floating):
+                refs[name].append(ref[name].ravel())
+                outs[name].append(value.ravel())
+    result = []
+    for name in names:
+        if not refs[name]:
+            continue
+        a, b = np.concatenate(refs[name]), np.concatenate(outs[name])
+        result.append(
+            OutputFidelity(name, metrics.cosine(a, b), metrics.sqnr_db(a, b), metrics.max_abs_error(a, b))
+        )
+    return tuple(result)
+
+
+def quantize(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    calib_data: Any,
+    *,
+    config: QuantConfig | None = None,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize ``model`` statically with ``calib_data`` and return the result.
+
+    ``model``: a path (file, or a folder holding one .onnx), an ``onnx.ModelProto`` or an
+    ``onnx_ir.Model``. ``calib_data``: an iterable of ``{input_name: array}`` dicts, an array or list
+    of arrays for a single-input model, or a ``.npz`` path. ``output``: where to write; by default a
+    model given as a path is written beside it as ``<name>.quant.onnx`` and an in-memory model is
+    not written.
+
+    Guarantees: the input is never modified; calibration data is validated before any heavy work;
+    the output passes ``onnx.checker`` and is written atomically; the same inputs give a
+    byte-identical file; every failure a user can cause raises an :class:`onnxq.OnnxqError`.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be an onnxq.QuantConfig, not {type(config).__name__}")
+    output_path = Path(output) if output is not None else _default_output(model)
+    if output_path is not None and not output_path.parent.is_dir():
+        raise ConfigError(f"output folder {output_path.parent} does not exist; create it first")
+    ir_model, upgrade = prepare(model)
+    size_before = _size_of(model, ir_model)
+    _, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
+
+    plan = make_plan(ir_model, config)
+    calibration = calibrate_minmax(
+        ir_model,
+        plan.calibration_tensors(),
+        samples,
+        config.calibration,
+        total=config.num_samples,
+        keep=16 if config.fidelity else 0,
+        progress=progress,
+    )
+    try:
+        rewrite_passes(plan, calibration.ranges)(ir_model)
+    except OnnxqError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"rewriting the graph failed: {_root_cause(exc)}") from exc
+    ir_model.producer_name, ir_model.producer_version = "onnxq", _version()
+    if output_path is not None:
+        save_model(ir_model, output_path, verify=check_model_file)
+        size_after = output_path.stat().st_size + sum(
+            p.stat().st_size for p in output_path.parent.glob(output_path.name + ".data")
+        )
+    else:
+        _check_in_memory(ir_model)
+        size_after = ir.to_proto(ir_model).ByteSize()
+    fidelity = (
+        measure_fidelity(ir_model, calibration.kept_inputs, calibration.kept_outputs)
+        if config.fidelity
+        else ()
+    )
+    summary = QuantizationSummary(
+        quantized_nodes=plan.quantized_counts(),
+        float_nodes=tuple(FloatNode(n.name, n.op_type, n.reason) for n in plan.float_nodes()),
+        size_before=size_before,
+        size_after=size_after,
+        calibration_samples=calibration.samples_seen,
+        fidelity=fidelity,
+        fidelity_samples=len(calibration.kept_inputs),
+        opset_upgraded_from=upgrade.upgraded_from,
+    )
+    log.info("quantized %d nodes", sum(summary.quantized_nodes.values()))
+    return QuantizationResult(output_path, ir_model, summary)
+
+
+def check_model_file(path: Path) -> None:
+    """Full ``onnx.checker`` check (with shape inference) of a saved model; QuantizationError if it fails."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise QuantizationError(
+            f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _check_in_memory(model: ir.Model) -> None:
+    try:
+        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    except Exception as exc:
+        raise QuantizationError(
+            f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _version() -> str:
+    from onnxq import __version__
+
+    return __version__

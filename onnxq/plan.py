@@ -1,0 +1,356 @@
+"""The quantization plan: per node, what gets quantized and how — and why not, for the report.
+
+The plan is decided before any rewrite, from the graph and the config alone, so it can be inspected
+(``onnxq inspect --plan``). Calibration then measures only the tensors the plan needs, and the
+rewrite passes apply it. Placement follows ONNX Runtime's CPU fusion rules so that every quantized
+node becomes an integer kernel:
+
+- MatMul / Gemm / Conv / ConvTranspose read their float inputs through DequantizeLinear, weights as
+  int8 per output channel. MatMul and Gemm outputs stay float (``MatMulIntegerToFloat``/``QGemm``
+  with float output, no requantization); Conv outputs are quantized (``QLinearConv``), after a
+  following Relu when there is one (ORT removes a Relu that the Q's zero point already clips).
+- Element-wise and pooling ops with an integer kernel (Add, Mul, Concat, pooling, Softmax, Sigmoid,
+  LeakyRelu, Where) are quantized only where all their inputs are already quantized, so they extend
+  an integer region instead of adding conversions.
+- Data-movement ops (Reshape, Transpose, MaxPool, Gather, ...) on a quantized tensor pass it
+  through with the same scale, so they run on the integers. An embedding Gather reads an int8 table.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnx_ir as ir
+
+from onnxq.config import PerTensor, QuantConfig, QuantSpec
+
+COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+ISLAND_OPS = {
+    "Add",
+    "Mul",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Softmax",
+    "Sigmoid",
+    "LeakyRelu",
+    "Where",
+}
+DATA_MOVEMENT_OPS = {
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "MaxPool",
+    "GlobalMaxPool",
+    "Gather",
+    "Slice",
+    "Resize",
+    "Expand",
+    "Tile",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Identity",
+}
+# Ops that quantize their output exclusively (all consumers read the DQ) so ORT can fuse them.
+OUTPUT_QUANTIZED_OPS = {"Conv"}
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulNBits",
+    "QGemm",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+}
+
+FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+# Activations whose calibrated range reaches this magnitude hold sentinels (e.g. attention masks of
+# float32.min) rather than data; they stay in float.
+SENTINEL_MAGNITUDE = 1e9
+
+
+@dataclass
+class TensorPlan:
+    """How one tensor is quantized.
+
+    ``kind``: ``activation`` (range from calibration), ``weight`` (range from the constant itself),
+    ``inherit`` (same scale and zero point as ``source``: the output of a data-movement op).
+    ``consumers``: the (node name, input index) uses that read it through DequantizeLinear;
+    ``exclusive``: every use does (the producer then feeds only the QuantizeLinear).
+    """
+
+    name: str
+    spec: QuantSpec
+    kind: Literal["activation", "weight", "inherit"]
+    axis: int | None = None
+    source: str | None = None
+    exclusive: bool = False
+    consumers: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class NodePlan:
+    """The decision for one node: quantized or not, and why not."""
+
+    name: str
+    op_type: str
+    quantized: bool
+    reason: str = ""
+
+
+@dataclass
+class QuantPlan:
+    """Per-tensor and per-node decisions. Weights are keyed ``(tensor, node, input index)``-free:
+    a weight used with different axes by several nodes gets one entry per (tensor, axis, spec)."""
+
+    activations: dict[str, TensorPlan] = field(default_factory=dict)
+    weights: dict[str, TensorPlan] = field(default_factory=dict)
+    nodes: dict[str, NodePlan] = field(default_factory=dict)
+
+    def calibration_tensors(self) -> list[str]:
+        """The activation tensors whose range calibration must measure."""
+        return [n for n, t in self.activations.items() if t.kind == "activation"]
+
+    def quantized_counts(self) -> dict[str, int]:
+        """Quantized nodes per op type."""
+        return dict(sorted(Counter(n.op_type for n in self.nodes.values() if n.quantized).items()))
+
+    def float_nodes(self) -> list[NodePlan]:
+        """Nodes left in float with a reason worth reporting (ops onnxq could quantize)."""
+        return [n for n in self.nodes.values() if not n.quantized and n.reason]
+
+    def drop_activation(self, name: str, reason: str) -> None:
+        """Keep tensor ``name`` (and what inherits from it) in float; the nodes reading it go float."""
+        todo = [name]
+        while todo:
+            tensor = self.activations.pop(todo.pop(), None)
+            if tensor is None:
+                continue
+            for node_name, _ in tensor.consumers:
+                node = self.nodes.get(node_name)
+                if node is not None and node.quantized:
+                    node.quantized, node.reason = False, reason
+                    for key, w in list(self.weights.items()):
+                        w.consumers = [c for c in w.consumers if c[0] != node_name]
+                        if not w.consumers:
+                            del self.weights[key]
+                    for other in self.activations.values():
+                        other.consumers = [c for c in other.consumers if c[0] != node_name]
+            todo.extend(n for n, t in self.activations.items() if t.source == tensor.name)
+
+    def to_rows(self) -> list[dict[str, str]]:
+        """One row per node for printing: name, op type, decision."""
+        return [
+            {
+                "node": n.name,
+                "op_type": n.op_type,
+                "decision": "quantize" if n.quantized else f"float: {n.reason}",
+            }
+            for n in self.nodes.values()
+        ]
+
+
+def weight_axis(node: ir.Node, input_index: int, rank: int, spec: QuantSpec) -> int | None:
+    """The per-channel axis of a weight for its consumer's layout (None: per-tensor)."""
+    if isinstance(spec.granularity, PerTensor) or rank < 2:
+        return None
+    if spec.granularity.axis is not None:
+        return spec.granularity.axis % rank
+    op = node.op_type
+    if op == "MatMul":
+        return rank - 1
+    if op == "Gemm":
+        trans_b = node.attributes.get_int("transB", 0)
+        return 0 if trans_b else 1
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1
+    return None
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in FLOAT_TYPES
+
+
+def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
+    return value.const_value if value is not None and value.is_initializer() else None
+
+
+class Planner:
+    """Builds a :class:`QuantPlan` for a model under a config (see the module docstring)."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def _excluded(self, node: ir.Node) -> str | None:
+        cfg = self.config
+        if cfg.op_types is not None and node.op_type not in cfg.op_types:
+            return "op type not in config.op_types"
+        if node.op_type in cfg.exclude_op_types:
+            return "op type excluded by config"
+        if any(fnmatch.fnmatchcase(node.name or "", pat) for pat in cfg.exclude_nodes):
+            return "excluded by name"
+        if cfg.exclude_if is not None and cfg.exclude_if(node):
+            return "excluded by predicate"
+        return None
+
+    def _act_spec(self, name: str) -> QuantSpec | None:
+        return self.config.overrides.get(name, self.config.activations)
+
+    def plan(self, model: ir.Model) -> QuantPlan:
+        plan = QuantPlan()
+        graph = model.graph
+        exclusive: set[str] = set()  # tensors whose producer feeds only a Q
+        for node in graph:  # graph iteration is topological for valid models
+            name = node.name or ""
+            op = node.op_type
+            if node.domain not in ("", "ai.onnx"):
+                plan.nodes[name] = NodePlan(name, op, False, f"custom-domain op ({node.domain})")
+                continue
+            if op in QUANTIZED_OPS:
+                continue
+            handled = op in COMPUTE_OPS or op in ISLAND_OPS or op in DATA_MOVEMENT_OPS
+            if not handled:
+                plan.nodes[name] = NodePlan(name, op, False, "")
+                continue
+            reason = self._excluded(node)
+            if reason is None and op in COMPUTE_OPS:
+                reason = self._plan_compute(plan, node, exclusive)
+            elif reason is None and op in ISLAND_OPS:
+                reason = self._plan_island(plan, node, exclusive)
+            elif reason is None:
+                reason = self._plan_data_movement(plan, node, exclusive)
+            if op in DATA_MOVEMENT_OPS and reason == "input not quantized":
+                reason = ""  # a float data-movement op is unremarkable
+            plan.nodes[name] = NodePlan(name, op, reason is None, reason or "")
+        return plan
+
+    # --- rules -----------------------------------------------------------------------------------
+    def _add_activation(self, plan: QuantPlan, value: ir.Value, node: ir.Node, index: int) -> bool:
+        spec = self._act_spec(value.name)
+        if spec is None:
+            return False
+        tensor = plan.activations.get(value.name)
+        if tensor is None:
+            tensor = plan.activations[value.name] = TensorPlan(value.name, spec, "activation")
+        tensor.consumers.append((node.name or "", index))
+        return True
+
+    def _add_weight(
+        self, plan: QuantPlan, value: ir.Value, node: ir.Node, index: int, spec: QuantSpec
+    ) -> None:
+        const = value.const_value
+        rank = len(const.shape) if const is not None else 0
+        axis = weight_axis(node, index, rank, spec)
+        key = f"{value.name}|{axis}|{spec.dtype}|{spec.symmetric}"
+        tensor = plan.weights.get(key)
+        if tensor is None:
+            tensor = plan.weights[key] = TensorPlan(value.name, spec, "weight", axis=axis)
+        tensor.consumers.append((node.name or "", index))
+
+    def _plan_compute(self, plan: QuantPlan, node: ir.Node, exclusive: set[str]) -> str | None:
+        inputs = node.inputs
+        if len(inputs) < 2 or not all(_is_float(v) for v in inputs[:2]):
+            return ""
+        data, weight = inputs[0], inputs[1]
+        if _constant(data) is not None:
+            return "first input is a constant"
+        if self._act_spec(data.name) is None:
+            return f"input {data.name} kept float by override"
+        w_const = _constant(weight)
+        w_spec = self.config.overrides.get(weight.name, self.config.weights)
+        if w_spec is None:
+            return f"weight {weight.name} kept float by override"
+        if w_const is None:
+            if node.op_type != "MatMul":
+                return "weight is not a constant"
+            if self._act_spec(weight.name) is None:
+                return f"input {weight.name} kept float by override"
+        out = node.outputs[0]
+        if node.op_type in OUTPUT_QUANTIZED_OPS and _is_float(out):
+            target = out
+            users = out.consumers()
+            if (
+                len(users) == 1
+                and users[0].op_type == "Relu"
+                and not out.is_graph_output()
+                and self._excluded(users[0]) is None
+            ):
+                target = users[0].outputs[0]
+            if target.is_graph_output() or self._act_spec(target.name) is None:
+                target = None  # keep model outputs exact; QLinearConv is then not formed
+        else:
+            target = None
+        self._add_activation(plan, data, node, 0)
+        if w_const is None:
+            self._add_activation(plan, weight, node, 1)
+        else:
+            self._add_weight(plan, weight, node, 1, w_spec)
+        if target is not None:
+            t = plan.activations.setdefault(
+                target.name,
+                TensorPlan(target.name, self._act_spec(target.name), "activation"),  # type: ignore[arg-type]
+            )
+            t.exclusive = True
+            exclusive.add(target.name)
+        return None
+
+    def _plan_island(self, plan: QuantPlan, node: ir.Node, exclusive: set[str]) -> str | None:
+        data_inputs = [v for v in node.inputs if v is not None]
+        if node.op_type == "Where":
+            data_inputs = data_inputs[1:]
+        if not data_inputs or not all(_is_float(v) for v in data_inputs):
+            return ""
+        if not all(v.name in exclusive for v in data_inputs):
+            return "inputs not quantized upstream"
+        out = node.outputs[0]
+        if out.is_graph_output() or self._act_spec(out.name) is None:
+            return "output is a model output"
+        for index, value in enumerate(node.inputs):
+            if value is not None and value.name in exclusive:
+                plan.activations[value.name].consumers.append((node.name or "", index))
+        t = plan.activations.setdefault(
+            out.name, TensorPlan(out.name, self._act_spec(out.name), "activation")
+        )  # type: ignore[arg-type]
+        t.exclusive = True
+        exclusive.add(out.name)
+        return None
+
+    def _plan_data_movement(self, plan: QuantPlan, node: ir.Node, exclusive: set[str]) -> str | None:
+        if not node.inputs or not _is_float(node.inputs[0]) or len(node.outputs) != 1:
+            return "input not quantized"
+        data, out = node.inputs[0], node.outputs[0]
+        if out.is_graph_output():
+            return "input not quantized"
+        if node.op_type == "Gather" and _constant(data) is not None:
+            spec = self.config.overrides.get(data.name, self.config.weights)
+            if spec is None:
+                return f"weight {data.name} kept float by override"
+            spec = QuantSpec(spec.dtype, spec.symmetric, PerTensor())
+            self._add_weight(plan, data, node, 0, spec)
+            key = f"{data.name}|None|{spec.dtype}|{spec.symmetric}"
+            t = plan.activations.setdefault(out.name, TensorPlan(out.name, spec, "inherit", source=key))
+            t.exclusive = True
+            exclusive.add(out.name)
+            return None
+        if data.name not in exclusive:
+            return "input not quantized"
+        source = plan.activations[data.name]
+        source.consumers.append((node.name or "", 0))
+        t = plan.activations.setdefault(
+            out.name, TensorPlan(out.name, source.spec, "inherit", source=data.name)
+        )
+        t.exclusive = True
+        exclusive.add(out.name)
+        return None
