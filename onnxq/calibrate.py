@@ -9,7 +9,10 @@ weight bytes and ONNX Runtime reads them from the model's own file.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +86,13 @@ class CalibrationResult:
     kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by a finished ORT session back to the OS (glibc keeps it otherwise)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def session_options(*, threads: int | None = None, calibration: bool = False) -> ort.SessionOptions:
     """Session options for onnxq's own ORT runs: quiet, no spinning threads, and for calibration
     no weight pre-packing (which would copy every weight)."""
@@ -93,6 +103,8 @@ def session_options(*, threads: int | None = None, calibration: bool = False) ->
         so.intra_op_num_threads = threads
     if calibration:
         so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     return so
 
 
@@ -209,5 +221,6 @@ def calibrate_minmax(
             result.kept_outputs.append({n: named[n] for n in model_outputs})
         result.samples_seen += 1
     del session
+    release_freed_memory()
     result.ranges = {name: obs.range() for name, obs in observers.items()}
     return result

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
     LiftConstantsToInitializersPass,
@@ -40,6 +41,9 @@ from onnxq.plan import QUANTIZED_OPS, Planner, QuantPlan
 from onnxq.result import FloatNode, OutputFidelity, QuantizationResult, QuantizationSummary
 
 log = logging.getLogger(__name__)
+
+# Calibration samples (the first ones) whose fp32 outputs are kept to measure fidelity afterwards.
+FIDELITY_SAMPLES = 8
 
 
 def prepare_passes(upgrade: UpgradeOpset) -> ir.passes.PassManager:
@@ -81,6 +85,11 @@ def _reject_quantized(model: ir.Model) -> None:
 def prepare(model: Any) -> tuple[ir.Model, UpgradeOpset]:
     """Load ``model`` and run the prepare passes (the input itself is never modified)."""
     ir_model = load_model(model)
+    return ir_model, prepare_model(ir_model)
+
+
+def prepare_model(ir_model: ir.Model) -> UpgradeOpset:
+    """Run the prepare passes on a loaded model in place; returns the opset pass (what it upgraded)."""
     _reject_quantized(ir_model)
     upgrade = UpgradeOpset()
     try:
@@ -89,7 +98,7 @@ def prepare(model: Any) -> tuple[ir.Model, UpgradeOpset]:
         raise
     except Exception as exc:
         raise QuantizationError(f"could not prepare the model for quantization: {_root_cause(exc)}") from exc
-    return ir_model, upgrade
+    return upgrade
 
 
 def make_plan(model: ir.Model, config: QuantConfig) -> QuantPlan:
@@ -116,12 +125,16 @@ def _size_of(model: Any, ir_model: ir.Model) -> int:
 
 
 def measure_fidelity(
-    model: ir.Model, inputs: list[Sample], references: list[dict[str, np.ndarray]]
+    model: ir.Model | Path, inputs: list[Sample], references: list[dict[str, np.ndarray]]
 ) -> tuple[OutputFidelity, ...]:
-    """Cosine, SQNR and max abs error of ``model``'s outputs against fp32 ``references``."""
+    """Cosine, SQNR and max abs error of ``model``'s outputs (a model or a saved file) against fp32
+    ``references``."""
     if not inputs:
         return ()
-    session = make_session(model, session_options())
+    if isinstance(model, Path):
+        session = ort.InferenceSession(str(model), session_options(), providers=["CPUExecutionProvider"])
+    else:
+        session = make_session(model, session_options())
     names = [o.name for o in session.get_outputs()]
     refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -167,9 +180,10 @@ def quantize(
     output_path = Path(output) if output is not None else _default_output(model)
     if output_path is not None and not output_path.parent.is_dir():
         raise ConfigError(f"output folder {output_path.parent} does not exist; create it first")
-    ir_model, upgrade = prepare(model)
-    size_before = _size_of(model, ir_model)
+    ir_model = load_model(model)
     _, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
+    size_before = _size_of(model, ir_model)
+    upgrade = prepare_model(ir_model)
 
     plan = make_plan(ir_model, config)
     calibration = calibrate_minmax(
@@ -178,7 +192,7 @@ def quantize(
         samples,
         config.calibration,
         total=config.num_samples,
-        keep=16 if config.fidelity else 0,
+        keep=FIDELITY_SAMPLES if config.fidelity else 0,
         progress=progress,
     )
     try:

@@ -83,8 +83,12 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int
     qtype = np.iinfo(zero_point.dtype)
     scale = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
     zp = _broadcast(np.asarray(zero_point), x.ndim, axis).astype(np.float32)
-    q = np.rint(np.asarray(x, np.float32) / scale) + zp
-    return np.clip(q, qtype.min, qtype.max).astype(zero_point.dtype)
+    q = np.divide(np.asarray(x, np.float32), scale, dtype=np.float32)
+    np.rint(q, out=q)
+    if np.any(zp):
+        np.add(q, zp, out=q)
+    np.clip(q, qtype.min, qtype.max, out=q)
+    return q.astype(zero_point.dtype)
 
 
 def dequantize(

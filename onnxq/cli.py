@@ -1,0 +1,136 @@
+"""The ``onnxq`` command line: ``quantize`` and ``inspect``.
+
+Errors a user can cause print one line (``onnxq: error: ...``) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import sys
+
+from onnxq import __version__
+from onnxq.config import PerTensor, QuantConfig
+from onnxq.errors import OnnxqError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxq", description="Quantize ONNX models by rewriting their graphs."
+    )
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every pass")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="static int8 quantization with calibration data")
+    q.add_argument("model", help="an .onnx file, or a folder holding one")
+    q.add_argument(
+        "--calib", required=True, help=".npz with one array per model input (first axis = samples)"
+    )
+    q.add_argument("-o", "--output", help="output .onnx (default: <model>.quant.onnx beside the input)")
+    q.add_argument("--config", help="a QuantConfig as JSON file")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
+    q.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="NAME_OR_OP",
+        help="node names (fnmatch patterns) or op types to keep in float",
+    )
+    q.add_argument("--num-samples", type=int, help="use at most this many calibration samples")
+    q.add_argument("--no-fidelity", action="store_true", help="skip the fp32 comparison")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="opset, inputs, outputs, op histogram, and the quantization plan")
+    i.add_argument("model")
+    i.add_argument("--plan", action="store_true", help="show what would be quantized and why not")
+    i.add_argument("--config", help="a QuantConfig as JSON file (for --plan)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> QuantConfig:
+    config = QuantConfig.from_json(args.config) if getattr(args, "config", None) else QuantConfig()
+    changes = {}
+    if getattr(args, "per_tensor", False):
+        w = config.weights
+        changes["weights"] = type(w)(w.dtype, w.symmetric, PerTensor())
+    excludes = getattr(args, "exclude", [])
+    if excludes:
+        op_like = tuple(e for e in excludes if e[:1].isupper() and e.isalnum())
+        changes["exclude_op_types"] = config.exclude_op_types + op_like
+        changes["exclude_nodes"] = config.exclude_nodes + tuple(e for e in excludes if e not in op_like)
+    if getattr(args, "num_samples", None):
+        changes["num_samples"] = args.num_samples
+    if getattr(args, "no_fidelity", False):
+        changes["fidelity"] = False
+    return config.with_changes(**changes) if changes else config
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from onnxq.pipeline import quantize
+
+    result = quantize(
+        args.model, args.calib, config=_config(args), output=args.output, progress=not args.quiet
+    )
+    print(result)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxq.data import model_inputs
+    from onnxq.model_io import load_model
+    from onnxq.pipeline import make_plan, prepare
+
+    model = load_model(args.model)
+    print(f"model: {args.model}")
+    print("opsets: " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in sorted(model.opset_imports.items())))
+    print(f"producer: {model.producer_name} {model.producer_version}".rstrip())
+    print("inputs:")
+    for spec in model_inputs(model):
+        print(f"  {spec.name}: {spec.dtype} {list(spec.shape) if spec.shape is not None else '?'}")
+    print("outputs:")
+    for value in model.graph.outputs:
+        shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else "?"
+        print(f"  {value.name}: {value.dtype} {shape}")
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    print(f"initializers: {len(model.graph.initializers)} ({size / 1e6:.2f} MB)")
+    print("ops:")
+    for op, n in collections.Counter(n.op_type for n in model.graph).most_common():
+        print(f"  {op:<28} {n:>5}")
+    if args.plan:
+        prepared, _ = prepare(args.model)
+        plan = make_plan(prepared, _config(args))
+        print("plan (after constant folding, BatchNorm folding and Identity removal):")
+        for row in plan.to_rows():
+            if row["decision"] != "float: ":
+                print(f"  {row['node']:<48} {row['op_type']:<18} {row['decision']}")
+        counts = plan.quantized_counts()
+        print("would quantize: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+        print(f"activations to calibrate: {len(plan.calibration_tensors())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        for noisy in ("onnxscript", "onnx_ir"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "quantize":
+            return _cmd_quantize(args)
+        return _cmd_inspect(args)
+    except OnnxqError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
