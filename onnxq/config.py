@@ -204,6 +204,12 @@ class QuantConfig:
 _CALIBRATIONS: dict[str, type] = {"MinMax": MinMax}
 
 
+def _check_keys(data: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {unknown}; valid keys are {sorted(allowed)}")
+
+
 def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
     gran = spec.granularity
     g: dict[str, Any] = (
@@ -220,7 +226,10 @@ def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
 def _spec_from_dict(data: Mapping[str, Any]) -> QuantSpec:
     if not isinstance(data, Mapping):
         raise ConfigError(f"a quantization spec must be an object, got {data!r}")
+    _check_keys(data, {"dtype", "symmetric", "granularity"}, "quantization spec")
     gran = data.get("granularity", {"kind": "per_tensor"})
+    if isinstance(gran, Mapping):
+        _check_keys(gran, {"kind", "axis"}, "granularity")
     kind = gran.get("kind") if isinstance(gran, Mapping) else gran
     if kind == "per_tensor":
         granularity: Granularity = PerTensor()

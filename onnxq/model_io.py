@@ -161,7 +161,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mode
     if isinstance(model, ir.Model):
         return ir.from_proto(ir.to_proto(model))
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # onnx_ir wraps tensors without copying; the caller's proto stays intact
+        return ir.from_proto(copy)
     if not isinstance(model, str | os.PathLike):
         raise ModelLoadError(
             f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}"

@@ -28,7 +28,7 @@ from onnxq import metrics
 from onnxq.calibrate import calibrate_minmax, make_session, session_options
 from onnxq.config import QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
-from onnxq.errors import ConfigError, OnnxqError, QuantizationError
+from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.cleanup import Cleanup
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
@@ -179,7 +179,7 @@ def quantize(
         raise ConfigError(f"config must be an onnxq.QuantConfig, not {type(config).__name__}")
     output_path = Path(output) if output is not None else _default_output(model)
     if output_path is not None and not output_path.parent.is_dir():
-        raise ConfigError(f"output folder {output_path.parent} does not exist; create it first")
+        raise OutputError(f"output folder {output_path.parent} does not exist; create it first")
     ir_model = load_model(model)
     _, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
     size_before = _size_of(model, ir_model)

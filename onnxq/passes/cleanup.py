@@ -56,7 +56,11 @@ class DropQDQAroundDataMovement(ir.passes.InPlacePass):
             node.replace_input_with(0, dq.inputs[0])
             q_out = q.outputs[0]
             q_out.replace_all_uses_with(out)
-            out.dtype = q_out.dtype
+            int_dtype = dq.inputs[0].dtype or q_out.dtype
+            if int_dtype is not None:
+                out.dtype = int_dtype
+            else:
+                out.type = None  # unknown integer type: leave it to shape inference
             graph.remove([q], safe=True)
             graph.remove([dq], safe=True)
             modified = True

@@ -1,0 +1,105 @@
+"""The command line as a pipeline uses it: tables on stdout, exit 0 on success and 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxq.cli import main
+
+
+@pytest.fixture(scope="module")
+def calib_npz(tmp_path_factory, model_path, calib_feeds) -> tuple[Path, Path]:
+    path = model_path("tiny-bert")
+    feeds = calib_feeds("tiny-bert", 8)
+    npz = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(npz, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    return path, npz
+
+
+def test_quantize_prints_summary_and_writes_a_valid_model(calib_npz, tmp_path, capsys) -> None:
+    model, npz = calib_npz
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(model), "--calib", str(npz), "-o", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "quantized nodes" in text and "MatMul" in text
+    assert "fidelity vs fp32" in text and "last_hidden_state" in text
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_quantize_options_reach_the_config(calib_npz, tmp_path, capsys) -> None:
+    model, npz = calib_npz
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"num_samples": 4}))
+    out = tmp_path / "q.onnx"
+    code = main(
+        [
+            "quantize",
+            str(model),
+            "--calib",
+            str(npz),
+            "-o",
+            str(out),
+            "--config",
+            str(cfg),
+            "--exclude",
+            "Softmax",
+            "*/layer.1/*",
+            "--per-tensor",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "calibration samples: 4" in text
+    assert "excluded by name" in text
+    q = onnx.load(str(out))
+    scales = [i for i in q.graph.initializer if i.name.endswith("_scale")]
+    assert scales and all(len(s.dims) == 0 for s in scales)  # --per-tensor: scalar weight scales
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["quantize", "missing.onnx", "--calib", "{npz}"], "does not exist"),
+        (["quantize", "{model}", "--calib", "missing.npz"], "does not exist"),
+        (["quantize", "{model}", "--calib", "{npz}", "-o", "/nonexistent-dir/q.onnx"], "does not exist"),
+        (["quantize", "{model}", "--calib", "{npz}", "--config", "{badcfg}"], "unknown config keys"),
+        (["inspect", "{notonnx}"], "not a valid ONNX model"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(calib_npz, tmp_path, capsys, argv, needle) -> None:
+    model, npz = calib_npz
+    badcfg = tmp_path / "bad.json"
+    badcfg.write_text(json.dumps({"calibrate": "minmax"}))
+    notonnx = tmp_path / "notes.onnx"
+    notonnx.write_text("this is not a model\n")
+    args = [a.format(model=model, npz=npz, badcfg=badcfg, notonnx=notonnx) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxq: error:") and needle in err[0]
+
+
+def test_inspect_plan_lists_decisions(model_path, capsys) -> None:
+    assert main(["inspect", str(model_path("cnn-digits")), "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "BatchNormalization" in text  # the op histogram shows the model as stored
+    assert "would quantize: Conv 3" in text  # the plan sees the BN folded away
+    assert "Gemm" in text and "opsets:" in text
+
+
+def test_console_entry_point_exit_code(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxq", "inspect", str(tmp_path / "none.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
