@@ -80,7 +80,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from onnxq.data import model_inputs
     from onnxq.model_io import load_model
-    from onnxq.pipeline import make_plan, prepare
+    from onnxq.pipeline import make_plan, prepare_model
 
     model = load_model(args.model)
     print(f"model: {args.model}")
@@ -99,12 +99,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for op, n in collections.Counter(n.op_type for n in model.graph).most_common():
         print(f"  {op:<28} {n:>5}")
     if args.plan:
-        prepared, _ = prepare(args.model)
-        plan = make_plan(prepared, _config(args))
+        prepare_model(model)  # the histogram above shows the model as stored; the plan sees it prepared
+        plan = make_plan(model, _config(args))
         print("plan (after constant folding, BatchNorm folding and Identity removal):")
-        for row in plan.to_rows():
-            if row["decision"] != "float: ":
-                print(f"  {row['node']:<48} {row['op_type']:<18} {row['decision']}")
+        for node in plan.nodes.values():
+            if node.quantized or node.reason:
+                decision = "quantize" if node.quantized else f"float: {node.reason}"
+                print(f"  {node.name:<48} {node.op_type:<18} {decision}")
         counts = plan.quantized_counts()
         print("would quantize: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
         print(f"activations to calibrate: {len(plan.calibration_tensors())}")

@@ -115,10 +115,14 @@ def _default_output(model: Any) -> Path | None:
     return None
 
 
+def _file_size(path: Path) -> int:
+    """Bytes of a model file plus its ``<name>.data`` external-data file, if any."""
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+
+
 def _size_of(model: Any, ir_model: ir.Model) -> int:
     if isinstance(model, str | os.PathLike) and Path(model).is_file():
-        path = Path(model)
-        return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+        return _file_size(Path(model))
     return sum(
         v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None
     )
@@ -204,9 +208,7 @@ def quantize(
     ir_model.producer_name, ir_model.producer_version = "onnxq", _version()
     if output_path is not None:
         save_model(ir_model, output_path, verify=check_model_file)
-        size_after = output_path.stat().st_size + sum(
-            p.stat().st_size for p in output_path.parent.glob(output_path.name + ".data")
-        )
+        size_after = _file_size(output_path)
     else:
         _check_in_memory(ir_model)
         size_after = ir.to_proto(ir_model).ByteSize()

@@ -148,17 +148,6 @@ class QuantPlan:
                         other.consumers = [c for c in other.consumers if c[0] != node_name]
             todo.extend(n for n, t in self.activations.items() if t.source == tensor.name)
 
-    def to_rows(self) -> list[dict[str, str]]:
-        """One row per node for printing: name, op type, decision."""
-        return [
-            {
-                "node": n.name,
-                "op_type": n.op_type,
-                "decision": "quantize" if n.quantized else f"float: {n.reason}",
-            }
-            for n in self.nodes.values()
-        ]
-
 
 def weight_axis(node: ir.Node, input_index: int, rank: int, spec: QuantSpec) -> int | None:
     """The per-channel axis of a weight for its consumer's layout (None: per-tensor)."""
