@@ -1,14 +1,21 @@
-"""onnxq: quantize ONNX models by rewriting their graphs, fast on the target by default."""
+"""onnxq: quantize ONNX models by rewriting their graphs, fast on the target by default.
+
+``onnxq.export`` is the export function, which shadows the submodule of the same name (that stays in
+``sys.modules["onnxq.export"]``); torch, transformers and optimum are imported only when it is called.
+"""
 
 from onnxq.config import MinMax, PerChannel, PerTensor, QuantConfig, QuantSpec
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
+    ExportError,
+    MissingDependencyError,
     ModelLoadError,
     OnnxqError,
     OutputError,
     QuantizationError,
 )
+from onnxq.export import export
 from onnxq.pipeline import quantize
 from onnxq.result import QuantizationResult, QuantizationSummary
 
@@ -17,7 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationDataError",
     "ConfigError",
+    "ExportError",
     "MinMax",
+    "MissingDependencyError",
     "ModelLoadError",
     "OnnxqError",
     "OutputError",
@@ -29,5 +38,6 @@ __all__ = [
     "QuantizationResult",
     "QuantizationSummary",
     "__version__",
+    "export",
     "quantize",
 ]

@@ -1,10 +1,13 @@
-"""MinMax calibration that streams: ranges are reduced inside ONNX Runtime, never stored.
+"""Calibration that streams: statistics are folded sample by sample, activations never stored.
 
 A calibration copy of the graph gets a ReduceMin and a ReduceMax output for every tensor the plan
-needs, so each sample returns two scalars per tensor instead of the tensor itself. The statistics
-are folded sample by sample into :class:`MinMaxObserver` objects, which can be merged (shards give
-the same result as one pass). The copy's weights are not duplicated: it is serialised without
-weight bytes and ONNX Runtime reads them from the model's own file.
+needs, so for MinMax each sample returns two scalars per tensor instead of the tensor itself. For the
+histogram methods (Percentile, Entropy, MSE) the tensor is fetched too and folded at once into a
+fixed-size :class:`~onnxq.histogram.HistogramObserver`; the next sample runs in ONNX Runtime while
+the previous one is being binned. Memory holds one sample's activations, whatever the number of
+samples. Observers merge (shards give the same result as one pass). The copy's weights are not
+duplicated: it is serialised without weight bytes and ONNX Runtime reads them from the model's own
+file.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import ctypes
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +26,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from onnxq.config import MinMax
+from onnxq import histogram
+from onnxq.config import MSE, Calibration, Entropy, MinMax, Percentile, QuantSpec
 from onnxq.data import Sample
 from onnxq.errors import CalibrationDataError
+from onnxq.qmath import int_type
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +83,43 @@ class MinMaxObserver:
 
 
 @dataclass
+class ChannelStats:
+    """Per-channel (last axis) minimum, maximum and sum of squares of one tensor, with the number
+    of rows folded in; ``update`` per sample, ``merge`` shards."""
+
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+    sumsq: np.ndarray | None = None
+    rows: int = 0
+
+    def update(self, lo: np.ndarray, hi: np.ndarray, sumsq: np.ndarray, rows: int) -> None:
+        lo, hi, sumsq = (np.asarray(a, dtype=np.float64) for a in (lo, hi, sumsq))
+        if self.min is None:
+            self.min, self.max, self.sumsq = lo, hi, sumsq
+        else:
+            self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
+            self.sumsq = self.sumsq + sumsq
+        self.rows += rows
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        if other.min is not None:
+            self.update(other.min, other.max, other.sumsq, other.rows)  # type: ignore[arg-type]
+        return self
+
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.min), np.abs(self.max))  # type: ignore[arg-type]
+
+    def mean_square(self) -> np.ndarray:
+        return self.sumsq / max(self.rows, 1)  # type: ignore[operator]
+
+
+@dataclass
 class CalibrationResult:
     """Ranges per tensor plus the fp32 outputs of the first samples (kept for the fidelity check)."""
 
     ranges: dict[str, tuple[float, float]]
     samples_seen: int
+    channels: dict[str, ChannelStats] = field(default_factory=dict)
     kept_inputs: list[Sample] = field(default_factory=list)
     kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
@@ -135,13 +173,55 @@ def make_session(model: ir.Model, so: ort.SessionOptions) -> ort.InferenceSessio
 
 
 class _Augment:
-    """Adds ReduceMin/ReduceMax outputs for ``tensors`` to ``model`` and removes them on exit."""
+    """Adds ReduceMin/ReduceMax outputs for ``tensors`` to ``model`` (and the tensors themselves for
+    ``raw``) and removes them on exit."""
 
-    def __init__(self, model: ir.Model, tensors: list[str]) -> None:
+    def __init__(
+        self, model: ir.Model, tensors: list[str], raw: Iterable[str] = (), channels: Iterable[str] = ()
+    ) -> None:
         self.model = model
         self.tensors = tensors
+        self.raw = [name for name in raw if name not in {v.name for v in model.graph.outputs}]
+        self.channels = list(channels)
+        self.channel_names: dict[str, tuple[str, str, str, str]] = {}
         self.nodes: list[ir.Node] = []
         self.outputs: list[ir.Value] = []
+        self.axes: list[ir.Value] = []
+
+    def _add_channel_reductions(self, graph: ir.Graph, values: dict[str, ir.Value]) -> None:
+        """ReduceMin/ReduceMax/ReduceSumSquare over every axis but the last, for ``channels``."""
+        opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
+        for i, name in enumerate(self.channels):
+            value = values[name]
+            rank = len(value.shape)  # type: ignore[arg-type]
+            axes = list(range(rank - 1))
+            triple = []
+            for op in ("ReduceMin", "ReduceMax", "ReduceSumSquare"):
+                node_name = f"onnxq_channel_{op}_{i}"
+                if opset >= 18:
+                    axes_value = ir.Value(
+                        name=f"{node_name}_axes", const_value=ir.tensor(np.array(axes, dtype=np.int64))
+                    )
+                    graph.register_initializer(axes_value)
+                    self.axes.append(axes_value)
+                    node = ir.node(op, [value, axes_value], attributes={"keepdims": 0}, name=node_name)
+                else:
+                    node = ir.node(op, [value], attributes={"keepdims": 0, "axes": axes}, name=node_name)
+                node.outputs[0].name = node_name
+                node.outputs[0].dtype = value.dtype
+                graph.append(node)
+                graph.outputs.append(node.outputs[0])
+                self.nodes.append(node)
+                self.outputs.append(node.outputs[0])
+                triple.append(node_name)
+            shape = ir.node("Shape", [value], name=f"onnxq_channel_Shape_{i}")
+            shape.outputs[0].name = f"onnxq_channel_Shape_{i}"
+            shape.outputs[0].dtype = ir.DataType.INT64
+            graph.append(shape)
+            graph.outputs.append(shape.outputs[0])
+            self.nodes.append(shape)
+            self.outputs.append(shape.outputs[0])
+            self.channel_names[name] = (triple[0], triple[1], triple[2], shape.outputs[0].name)
 
     def __enter__(self) -> dict[str, tuple[str, str]]:
         graph = self.model.graph
@@ -161,14 +241,22 @@ class _Augment:
                 self.outputs.append(node.outputs[0])
                 pair.append(node.outputs[0].name)
             names[name] = (pair[0], pair[1])
+        for name in self.raw:
+            graph.outputs.append(values[name])
+        self._add_channel_reductions(graph, values)
         return names
 
     def __exit__(self, *exc: object) -> None:
         graph = self.model.graph
+        values = {v.name: v for v in graph.outputs}
+        for name in self.raw:
+            graph.outputs.remove(values[name])
         for value in self.outputs:
             graph.outputs.remove(value)
         for node in self.nodes:
             graph.remove(node, safe=True)
+        for value in self.axes:
+            del graph.initializers[value.name]
 
 
 def _all_values(graph: ir.Graph):
@@ -178,49 +266,114 @@ def _all_values(graph: ir.Graph):
         yield from node.outputs
 
 
-def calibrate_minmax(
+def tensor_range(
+    method: Calibration,
+    spec: QuantSpec,
+    minmax: MinMaxObserver,
+    hist: histogram.HistogramObserver | None,
+) -> tuple[float, float]:
+    """The calibrated ``(min, max)`` of one tensor under ``method`` for its quantization ``spec``."""
+    if hist is None or hist.total == 0:
+        return minmax.range()
+    qtype = int_type(spec.dtype)
+    if isinstance(method, Percentile):
+        symmetric = spec.symmetric if method.symmetric is None else method.symmetric
+        return histogram.percentile_range(hist, method.percentile, symmetric)
+    if isinstance(method, Entropy):
+        return histogram.entropy_range(hist, qtype, spec.symmetric, method.candidates)
+    if isinstance(method, MSE):
+        return histogram.mse_range(hist, qtype, spec.symmetric, method.candidates)
+    return minmax.range()
+
+
+def calibrate(
     model: ir.Model,
-    tensors: list[str],
+    tensors: Mapping[str, QuantSpec],
     samples: Iterable[Sample],
-    method: MinMax,
+    method: Calibration,
     *,
     total: int | None = None,
     keep: int = 16,
     progress: bool = True,
+    channels: Iterable[str] = (),
 ) -> CalibrationResult:
-    """Run ``samples`` through the fp32 model and return the range of each of ``tensors``.
+    """Run ``samples`` through the fp32 model and return the calibrated range of each of ``tensors``.
 
-    Memory does not grow with the number of samples: each sample yields two scalars per tensor.
-    The first ``keep`` inputs and fp32 outputs are kept for the fidelity report.
+    ``tensors`` maps each tensor to its quantization spec; a spec's own ``calibration`` overrides
+    ``method``. ``channels``: tensors whose per-channel (last axis) statistics are gathered too.
+    Memory does not grow with the number of samples. The first ``keep`` inputs and fp32 outputs are
+    kept for the fidelity report.
     """
-    observers = {name: MinMaxObserver(method.moving_average) for name in tensors}
+    methods = {name: spec.calibration or method for name, spec in tensors.items()}
+    moving = {name: (m.moving_average if isinstance(m, MinMax) else None) for name, m in methods.items()}
+    minmax = {name: MinMaxObserver(moving[name]) for name in tensors}
+    hists = {
+        name: histogram.HistogramObserver() for name, m in methods.items() if not isinstance(m, MinMax)
+    }
     model_outputs = [v.name for v in model.graph.outputs]
-    with _Augment(model, tensors) as reduce_names:
+    augment = _Augment(model, list(tensors), hists, channels)
+    with augment as reduce_names:
         try:
             session = make_session(model, session_options(calibration=True))
         except Exception as exc:
             raise CalibrationDataError(f"ONNX Runtime cannot run the model for calibration: {exc}") from None
-    fetch = model_outputs + [n for pair in reduce_names.values() for n in pair]
-    result = CalibrationResult({}, 0)
+    channel_names = augment.channel_names
+    fetch = list(
+        dict.fromkeys(
+            model_outputs
+            + [n for p in reduce_names.values() for n in p]
+            + list(hists)
+            + [n for t in channel_names.values() for n in t]
+        )
+    )
+    result = CalibrationResult({}, 0, {name: ChannelStats() for name in channel_names})
     bar = tqdm(samples, total=total, desc="calibrating", unit="sample", disable=not progress, leave=False)
-    for sample in bar:
-        try:
-            outputs = session.run(fetch, sample)
-        except Exception as exc:
-            raise CalibrationDataError(
-                f"calibration sample {result.samples_seen} failed in ONNX Runtime: {str(exc).splitlines()[0]}"
-            ) from None
-        named = dict(zip(fetch, outputs, strict=True))
-        for tensor, (lo, hi) in reduce_names.items():
-            lo_v, hi_v = named[lo], named[hi]
-            if lo_v.size == 0:
-                continue
-            observers[tensor].update(float(lo_v), float(hi_v))
-        if len(result.kept_inputs) < keep:
-            result.kept_inputs.append(sample)
-            result.kept_outputs.append({n: named[n] for n in model_outputs})
-        result.samples_seen += 1
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as binner:  # bins sample k while ORT runs sample k+1
+        for sample in bar:
+            try:
+                outputs = session.run(fetch, sample)
+            except Exception as exc:
+                raise CalibrationDataError(
+                    f"calibration sample {result.samples_seen} failed in ONNX Runtime: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None
+            named = dict(zip(fetch, outputs, strict=True))
+            extremes = {}
+            for tensor, (lo, hi) in reduce_names.items():
+                lo_v, hi_v = named[lo], named[hi]
+                if lo_v.size == 0:
+                    continue
+                extremes[tensor] = (float(lo_v), float(hi_v))
+                minmax[tensor].update(*extremes[tensor])
+            for tensor, (lo, hi, sq, shape) in channel_names.items():
+                if named[lo].size:
+                    rows = int(np.prod(named[shape][:-1]))
+                    result.channels[tensor].update(named[lo], named[hi], named[sq], rows)
+            if pending is not None:
+                pending.result()
+            if hists:
+                pending = binner.submit(_fold, hists, {n: named[n] for n in hists}, extremes)
+            if len(result.kept_inputs) < keep:
+                result.kept_inputs.append(sample)
+                result.kept_outputs.append({n: named[n] for n in model_outputs})
+            del named, outputs
+            result.samples_seen += 1
+        if pending is not None:
+            pending.result()
     del session
     release_freed_memory()
-    result.ranges = {name: obs.range() for name, obs in observers.items()}
+    result.ranges = {
+        name: tensor_range(methods[name], tensors[name], minmax[name], hists.get(name)) for name in tensors
+    }
     return result
+
+
+def _fold(
+    hists: dict[str, histogram.HistogramObserver],
+    values: dict[str, np.ndarray],
+    extremes: dict[str, tuple[float, float]],
+) -> None:
+    for name, observer in hists.items():
+        if name in extremes:
+            observer.update(values[name], *extremes[name])

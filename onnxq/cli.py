@@ -1,4 +1,4 @@
-"""The ``onnxq`` command line: ``quantize`` and ``inspect``.
+"""The ``onnxq`` command line: ``quantize``, ``inspect`` and ``export``.
 
 Errors a user can cause print one line (``onnxq: error: ...``) and exit with code 2.
 """
@@ -26,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="static int8 quantization with calibration data")
     q.add_argument("model", help="an .onnx file, or a folder holding one")
     q.add_argument(
-        "--calib", required=True, help=".npz with one array per model input (first axis = samples)"
+        "--calib",
+        required=True,
+        help=".npz with one array per model input (first axis = samples), or a folder of .npy/.npz files "
+        "(one sample per .npy for a single-input model; read in file-name order)",
     )
     q.add_argument("-o", "--output", help="output .onnx (default: <model>.quant.onnx beside the input)")
     q.add_argument("--config", help="a QuantConfig as JSON file")
@@ -46,6 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--plan", action="store_true", help="show what would be quantized and why not")
     i.add_argument("--config", help="a QuantConfig as JSON file (for --plan)")
+
+    e = sub.add_parser(
+        "export",
+        help="export a transformers save_pretrained folder to ONNX (needs: pip install 'onnxq[export]')",
+    )
+    e.add_argument("model", help="a folder written by save_pretrained (config.json and weights)")
+    e.add_argument(
+        "-o", "--output", required=True, help="folder to create (model.onnx, config and tokenizer files)"
+    )
+    e.add_argument("--task", help="optimum task, e.g. feature-extraction (default: inferred from the model)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: 18)")
+    past = e.add_mutually_exclusive_group()
+    past.add_argument(
+        "--with-past",
+        dest="with_past",
+        action="store_true",
+        default=None,
+        help="export a decoder with its KV cache (past_key_values inputs); the default for decoders",
+    )
+    past.add_argument(
+        "--no-past", dest="with_past", action="store_false", help="export a decoder without KV cache"
+    )
     return parser
 
 
@@ -112,6 +137,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from onnxq.export import export
+
+    print(export(args.model, args.output, task=args.task, opset=args.opset, with_past=args.with_past))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
@@ -124,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             return _cmd_quantize(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_inspect(args)
     except OnnxqError as exc:
         print(f"onnxq: error: {exc}", file=sys.stderr)

@@ -39,11 +39,16 @@ Granularity = PerTensor | PerChannel
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized: integer type, symmetric or not, and granularity."""
+    """How one tensor is quantized: integer type, symmetric or not, and granularity.
+
+    ``calibration`` (activations only) picks this tensor's calibration method; ``None`` uses the
+    config's. Set it through ``QuantConfig.overrides`` to calibrate single tensors differently.
+    """
 
     dtype: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
     symmetric: bool = False
     granularity: Granularity = field(default_factory=PerTensor)
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in INT_TYPES:
@@ -52,6 +57,8 @@ class QuantSpec:
             )
         if not isinstance(self.granularity, PerTensor | PerChannel):
             raise ConfigError("granularity must be PerTensor() or PerChannel(axis=None|int)")
+        if self.calibration is not None:
+            _check_calibration(self.calibration)
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,78 @@ class MinMax:
             raise ConfigError("MinMax(moving_average=c) needs 0 < c < 1")
 
 
-Calibration = MinMax
+@dataclass(frozen=True)
+class Percentile:
+    """Clip to the range holding ``percentile`` % of the values, from a streaming histogram.
+
+    ``symmetric``: ``True`` takes the percentile of ``|x|`` (range ``±t``), ``False`` cuts
+    ``(100 - percentile) / 2`` % from each tail, ``None`` follows the tensor's :class:`QuantSpec`.
+    """
+
+    percentile: float = 99.999
+    symmetric: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError("Percentile(percentile=p) needs 50 < p <= 100")
+
+
+@dataclass(frozen=True)
+class Entropy:
+    """TensorRT's calibration: the threshold on ``|x|`` minimising the KL divergence between the
+    histogram and its quantized version, searched over ``candidates`` thresholds between 128 bins
+    and the largest magnitude (a histogram of at least 2048 bins per side)."""
+
+    candidates: int = 128
+
+    def __post_init__(self) -> None:
+        if self.candidates < 2:
+            raise ConfigError("Entropy(candidates=n) needs n >= 2")
+
+
+@dataclass(frozen=True)
+class MSE:
+    """The clipping range that minimises the expected squared quantization error (rounding plus
+    clipping) over the tensor's histogram, searched over ``candidates`` points per end."""
+
+    candidates: int = 100
+
+    def __post_init__(self) -> None:
+        if self.candidates < 2:
+            raise ConfigError("MSE(candidates=n) needs n >= 2")
+
+
+Calibration = MinMax | Percentile | Entropy | MSE
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """Move activation outliers into the weights (SmoothQuant, Xiao et al. 2023), per MatMul input.
+
+    For an activation ``X`` read only through DequantizeLinear by MatMuls with constant weights
+    ``W``, ``X @ W == (X / s) @ (diag(s) W)`` with ``s_k = max|X_k|^α / max|W_k|^(1-α)``: a ``Mul``
+    by ``1/s`` is inserted before the quantization of ``X`` and ``W``'s rows are scaled. Channels
+    whose magnitudes are all alike are left alone (``min_outlier_ratio``: the largest channel
+    magnitude over the median one). ``alpha=None`` picks α per tensor from ``alphas`` (and "no
+    smoothing") by the expected output error of the quantized MatMuls, computed from per-channel
+    statistics gathered in the same calibration pass. A smoothed tensor's range is the exact
+    MinMax range of ``X / s``, whatever the calibration method.
+    """
+
+    alpha: float | None = None
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    min_outlier_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas", tuple(self.alphas))
+        for a in (self.alpha, *self.alphas):
+            if a is not None and not 0.0 <= a <= 1.0:
+                raise ConfigError("SmoothQuant alpha values must lie in [0, 1]")
+        if self.alpha is None and not self.alphas:
+            raise ConfigError("SmoothQuant(alpha=None) needs at least one candidate in alphas")
+        if self.min_outlier_ratio < 1.0:
+            raise ConfigError("SmoothQuant(min_outlier_ratio=r) needs r >= 1")
+HISTOGRAM_METHODS = (Percentile, Entropy, MSE)
 
 
 @dataclass(frozen=True)
@@ -80,6 +158,7 @@ class QuantConfig:
       Runtime's CPU EP).
     - ``activations`` / ``weights``: the default :class:`QuantSpec` of each kind of tensor.
     - ``calibration``: how activation ranges are measured.
+    - ``smoothing``: :class:`SmoothQuant` outlier migration for MatMul inputs (``None``: off).
     - ``op_types``: restrict quantization to these op types (``None``: every op the target runs
       faster in integer).
     - ``exclude_nodes``: node names (``fnmatch`` patterns) left in float.
@@ -95,6 +174,7 @@ class QuantConfig:
     activations: QuantSpec = field(default_factory=lambda: QuantSpec("uint8", False, PerTensor()))
     weights: QuantSpec = field(default_factory=lambda: QuantSpec("int8", True, PerChannel()))
     calibration: Calibration = field(default_factory=MinMax)
+    smoothing: SmoothQuant | None = field(default_factory=SmoothQuant)
     op_types: tuple[str, ...] | None = None
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
@@ -106,6 +186,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; supported targets: {', '.join(TARGETS)}")
+        _check_calibration(self.calibration)
+        if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuant):
+            raise ConfigError(f"smoothing must be SmoothQuant(...) or None, not {self.smoothing!r}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples must be a positive integer or None")
         for name in ("op_types", "exclude_nodes", "exclude_op_types"):
@@ -136,7 +219,9 @@ class QuantConfig:
             if f.name in ("activations", "weights"):
                 value = _spec_to_dict(value)
             elif f.name == "calibration":
-                value = {"method": type(value).__name__, **asdict(value)}
+                value = _calibration_to_dict(value)
+            elif f.name == "smoothing":
+                value = None if value is None else {**asdict(value), "alphas": list(value.alphas)}
             elif f.name == "overrides":
                 value = {k: (None if v is None else _spec_to_dict(v)) for k, v in value.items()}
             elif isinstance(value, tuple):
@@ -159,13 +244,12 @@ class QuantConfig:
                 if key in kwargs:
                     kwargs[key] = _spec_from_dict(kwargs[key])
             if "calibration" in kwargs:
-                cal = dict(kwargs["calibration"])
-                method = cal.pop("method", "MinMax")
-                if method not in _CALIBRATIONS:
-                    raise ConfigError(
-                        f"unknown calibration method {method!r}; use one of {', '.join(_CALIBRATIONS)}"
-                    )
-                kwargs["calibration"] = _CALIBRATIONS[method](**cal)
+                kwargs["calibration"] = _calibration_from_dict(kwargs["calibration"])
+            if kwargs.get("smoothing") is not None:
+                if not isinstance(kwargs["smoothing"], Mapping):
+                    raise ConfigError("smoothing must be an object like {\"alpha\": 0.5} or null")
+                _check_keys(kwargs["smoothing"], {f.name for f in fields(SmoothQuant)}, "smoothing")
+                kwargs["smoothing"] = SmoothQuant(**kwargs["smoothing"])
             if "overrides" in kwargs:
                 kwargs["overrides"] = {
                     k: (None if v is None else _spec_from_dict(v)) for k, v in kwargs["overrides"].items()
@@ -201,7 +285,30 @@ class QuantConfig:
         return cls(target=target, **changes)  # type: ignore[arg-type]
 
 
-_CALIBRATIONS: dict[str, type] = {"MinMax": MinMax}
+_CALIBRATIONS: dict[str, type] = {c.__name__: c for c in (MinMax, Percentile, Entropy, MSE)}
+
+
+def _check_calibration(value: object) -> None:
+    if not isinstance(value, MinMax | Percentile | Entropy | MSE):
+        raise ConfigError(
+            f"calibration must be one of {', '.join(f'{n}()' for n in _CALIBRATIONS)}, not {value!r}"
+        )
+
+
+def _calibration_to_dict(value: Calibration) -> dict[str, Any]:
+    return {"method": type(value).__name__, **asdict(value)}
+
+
+def _calibration_from_dict(data: Any) -> Calibration:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a calibration must be an object like {{\"method\": \"MinMax\"}}, got {data!r}")
+    cal = dict(data)
+    method = cal.pop("method", "MinMax")
+    if method not in _CALIBRATIONS:
+        raise ConfigError(f"unknown calibration method {method!r}; use one of {', '.join(_CALIBRATIONS)}")
+    cls = _CALIBRATIONS[method]
+    _check_keys(cal, {f.name for f in fields(cls)}, f"{method} calibration")
+    return cls(**cal)
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], what: str) -> None:
@@ -220,13 +327,16 @@ def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
             "axis": gran.axis,
         }
     )
-    return {"dtype": spec.dtype, "symmetric": spec.symmetric, "granularity": g}
+    out = {"dtype": spec.dtype, "symmetric": spec.symmetric, "granularity": g}
+    if spec.calibration is not None:
+        out["calibration"] = _calibration_to_dict(spec.calibration)
+    return out
 
 
 def _spec_from_dict(data: Mapping[str, Any]) -> QuantSpec:
     if not isinstance(data, Mapping):
         raise ConfigError(f"a quantization spec must be an object, got {data!r}")
-    _check_keys(data, {"dtype", "symmetric", "granularity"}, "quantization spec")
+    _check_keys(data, {"dtype", "symmetric", "granularity", "calibration"}, "quantization spec")
     gran = data.get("granularity", {"kind": "per_tensor"})
     if isinstance(gran, Mapping):
         _check_keys(gran, {"kind", "axis"}, "granularity")
@@ -241,4 +351,5 @@ def _spec_from_dict(data: Mapping[str, Any]) -> QuantSpec:
         dtype=data.get("dtype", "uint8"),
         symmetric=bool(data.get("symmetric", False)),
         granularity=granularity,
+        calibration=_calibration_from_dict(data["calibration"]) if data.get("calibration") else None,
     )

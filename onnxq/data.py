@@ -1,13 +1,54 @@
 """Calibration data: accept what users have, check it against the model before any work.
 
-Accepted forms: an iterable (or generator) of ``{input_name: array}`` dicts; a single array or a
-list of arrays for a single-input model (each array one sample); a ``.npz`` file (arrays named after
-the inputs, first axis = samples, or a single array for a single-input model). Samples are streamed:
-nothing here holds more than one sample at a time, except an ``.npz`` which numpy maps lazily.
+Accepted forms of ``calib_data`` (``onnxq quantize --calib`` takes the two path forms):
+
+- an iterable (or generator) of ``{input_name: array}`` dicts, each one sample fed as is;
+- a single array, or a list of arrays, for a single-input model (each array one sample);
+- a ``.npz`` path: arrays named after the inputs (a single array may stand for the only input).
+  Arrays with the inputs' ranks count samples on their first axis, and each sample keeps a batch axis
+  of 1 (``a[i:i+1]``); arrays that are all one axis short of the inputs' ranks make the file one
+  sample (a batch axis of 1 is added);
+- a folder path of ``.npy``/``.npz`` files, read one file at a time in file-name order (plain string
+  order: zero-pad numbers), hidden files and other suffixes skipped. Each ``.npy`` is one sample of
+  a single-input model; each ``.npz`` follows the ``.npz`` rule above, so a per-sample file saved
+  with or without its batch axis is one sample and a file of stacked samples gives all of them.
+  Files may differ in shape where the model's axes are dynamic (e.g. sequence length);
+- a Hugging Face ``datasets.Dataset`` or ``IterableDataset``: one sample per row from the columns
+  named after the inputs (other columns, e.g. labels or raw text, are ignored);
+  a ``DatasetDict`` is refused (pick a split). ``datasets`` is never imported by onnxq: a dataset is
+  recognised only when its library is already loaded;
+- :func:`from_texts` (texts + a tokenizer) and :func:`from_images` (an image folder + a preprocess
+  function): re-iterable objects that can also be looped over directly.
+
+Decisions:
+
+- Batch axis: sources that yield one example per item (``.npy`` files, dataset rows, images, the
+  unbatched ``.npz`` case) get a leading axis of 1 where the model's input has exactly one axis more;
+  plain dicts and arrays are fed exactly as given.
+- Dtypes: arrays a user hands over (dicts, lists, files, ``preprocess`` results) are never cast: a
+  mismatch is an error naming the ``astype`` that fixes it. Sources that convert data themselves
+  (dataset rows, :func:`from_texts`) cast to the input's dtype where nothing is lost (int64 → int32
+  with a range check, float64 → float32); a lossy cast (float → int, text) is an error.
+- Extra names: samples must hold exactly the model's inputs, except :func:`from_texts`, whose
+  batches are reduced to the model's inputs by ``onnxq.quantize`` (a tokenizer returns
+  ``token_type_ids`` whether or not the model takes them), and dataset rows, of which only the
+  input columns are read. Sources implement :class:`~onnxq.sources.CalibrationSource`: the pipeline
+  asks them for ``samples(model_inputs)``.
+- ``num_samples`` counts samples as yielded: one per dict, array, ``.npz`` row, file, dataset row,
+  image, or batch of :func:`from_texts`. Nothing past the limit is read.
+- Validation: every sample, of every form, goes through :func:`check_sample` (names, dtype, rank,
+  fixed dimensions, NaN/Inf). ``onnxq.quantize`` checks the source (missing, empty, no usable file) and
+  its first sample before any heavy work; later samples are checked as they stream, and a bad one
+  stops the run before anything is written.
+
+Samples are streamed: nothing here holds more than one sample (one file, one batch of texts, one
+image) at a time, except a single ``.npz`` file, which is read whole; :func:`from_texts` keeps the
+list of texts.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +59,33 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import CalibrationDataError
+from onnxq.sources import (
+    CalibrationSource,
+    ImageFolder,
+    TokenizedTexts,
+    dataset_samples,
+    folder_samples,
+    from_images,
+    from_texts,
+    is_hf_dataset,
+    is_hf_dataset_dict,
+    npz_samples,
+)
+
+__all__ = [
+    "CalibrationSource",
+    "ImageFolder",
+    "InputSpec",
+    "Sample",
+    "TokenizedTexts",
+    "check_sample",
+    "checked_samples",
+    "from_images",
+    "from_texts",
+    "iter_samples",
+    "model_inputs",
+    "peek_samples",
+]
 
 Sample = dict[str, np.ndarray]
 
@@ -47,40 +115,32 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def _npz_samples(path: Path, inputs: list[InputSpec]) -> Iterator[Sample]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"cannot read calibration file {path}: {exc}") from None
-    with archive:
-        names = list(archive.files)
-        if not names:
-            raise CalibrationDataError(f"calibration file {path} holds no arrays")
-        if len(names) == 1 and len(inputs) == 1 and names[0] not in {i.name for i in inputs}:
-            arrays = {inputs[0].name: archive[names[0]]}
-        else:
-            arrays = {name: archive[name] for name in names}
-    counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
-    if len(set(counts.values())) != 1:
-        raise CalibrationDataError(
-            f"arrays in {path} have different sample counts {counts}; the first axis must count samples"
-        )
-    n = next(iter(counts.values()))
-    for i in range(n):
-        yield {name: a[i : i + 1] for name, a in arrays.items()}
-
-
 def iter_samples(data: Any, inputs: list[InputSpec]) -> Iterator[Sample]:
     """Normalise any accepted form of calibration data into a stream of input dicts (unchecked)."""
     if data is None:
         raise CalibrationDataError("static quantization needs calibration data; pass calib_data")
+    if isinstance(data, CalibrationSource):
+        yield from data.samples(inputs)
+        return
+    if is_hf_dataset_dict(data):
+        raise CalibrationDataError(
+            f"calib_data is a DatasetDict with splits {sorted(data)}; pass one split, e.g. ds['train']"
+        )
+    if is_hf_dataset(data):
+        yield from dataset_samples(data, inputs)
+        return
     if isinstance(data, str | os.PathLike):
         path = Path(data)
         if not path.exists():
             raise CalibrationDataError(f"calibration data {path} does not exist")
+        if path.is_dir():
+            yield from folder_samples(path, inputs)
+            return
         if path.suffix != ".npz":
-            raise CalibrationDataError(f"calibration data {path} must be a .npz file (np.savez)")
-        yield from _npz_samples(path, inputs)
+            raise CalibrationDataError(
+                f"calibration data {path} must be a .npz file (np.savez) or a folder of .npy/.npz files"
+            )
+        yield from npz_samples(path, inputs)
         return
     if isinstance(data, np.ndarray):
         data = [data]
@@ -90,7 +150,8 @@ def iter_samples(data: Any, inputs: list[InputSpec]) -> Iterator[Sample]:
         )
     if not isinstance(data, Iterable):
         raise CalibrationDataError(
-            f"calib_data must be an iterable of dicts, arrays or a .npz path, not {type(data).__name__}"
+            "calib_data must be an iterable of dicts, arrays, a .npz or folder path, a datasets.Dataset, "
+            f"onnxq.data.from_texts(...) or onnxq.data.from_images(...), not {type(data).__name__}"
         )
     for item in data:
         if isinstance(item, Mapping):
@@ -153,12 +214,10 @@ def check_sample(sample: Sample, inputs: list[InputSpec], index: int) -> Sample:
 
 
 def checked_samples(data: Any, inputs: list[InputSpec], limit: int | None = None) -> Iterator[Sample]:
-    """Stream of validated samples (at most ``limit``); an empty stream is an error."""
+    """Stream of validated samples (at most ``limit``; nothing past it is read); an empty stream is an
+    error."""
     count = 0
-    for count, sample in enumerate(iter_samples(data, inputs), start=1):
-        if limit is not None and count > limit:
-            count -= 1
-            break
+    for count, sample in enumerate(itertools.islice(iter_samples(data, inputs), limit), start=1):
         yield check_sample(sample, inputs, count - 1)
     if count == 0:
         raise CalibrationDataError("calibration data is empty; provide at least one sample")

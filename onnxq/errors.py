@@ -29,3 +29,12 @@ class OutputError(OnnxqError):
 
 class QuantizationError(OnnxqError):
     """The graph rewrite could not produce a valid model."""
+
+
+class MissingDependencyError(OnnxqError):
+    """An optional dependency is not installed (the message names the pip command that installs it)."""
+
+
+class ExportError(OnnxqError):
+    """A transformers model could not be exported to ONNX: unsupported architecture or task, or the
+    exporter failed."""

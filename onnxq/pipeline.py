@@ -1,8 +1,8 @@
 """``onnxq.quantize``: the whole static pipeline, one readable list of passes.
 
 prepare (opset, constant folding, Constant → initializer, BatchNorm folding, Identity removal,
-shape inference) → plan → MinMax calibration → rewrite (QDQ insertion, weight pre-quantization,
-int32 bias, clean-up) → check → save → fidelity.
+shape inference) → plan → calibration (MinMax or a histogram method) → rewrite (QDQ insertion,
+weight pre-quantization, int32 bias, clean-up) → check → save → fidelity.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxq import metrics
-from onnxq.calibrate import calibrate_minmax, make_session, session_options
+from onnxq.calibrate import calibrate, make_session, session_options
 from onnxq.config import QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
 from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
@@ -36,7 +36,8 @@ from onnxq.passes.fold_constants import FoldConstants
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
-from onnxq.passes.upgrade_opset import UpgradeOpset
+from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
+from onnxq.passes.upgrade_opset import MIN_OPSET, OPSET_16BIT, UpgradeOpset
 from onnxq.plan import QUANTIZED_OPS, Planner, QuantPlan
 from onnxq.result import FloatNode, OutputFidelity, QuantizationResult, QuantizationSummary
 
@@ -63,9 +64,13 @@ def prepare_passes(upgrade: UpgradeOpset) -> ir.passes.PassManager:
     )
 
 
-def rewrite_passes(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> ir.passes.PassManager:
-    """Passes that apply a calibrated plan."""
-    return ir.passes.PassManager([InsertQDQ(plan, ranges), PrequantizeWeights(), QuantizeBias(), Cleanup()])
+def rewrite_passes(
+    plan: QuantPlan, ranges: dict[str, tuple[float, float]], smoothing: SmoothActivations | None = None
+) -> ir.passes.PassManager:
+    """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth)."""
+    passes = [smoothing] if smoothing is not None else []
+    passes += [InsertQDQ(plan, ranges), PrequantizeWeights(), QuantizeBias(), Cleanup()]
+    return ir.passes.PassManager(passes)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -82,16 +87,22 @@ def _reject_quantized(model: ir.Model) -> None:
         )
 
 
-def prepare(model: Any) -> tuple[ir.Model, UpgradeOpset]:
+def required_opset(config: QuantConfig) -> int:
+    """The lowest default-domain opset the config's QDQ needs (21 for 16-bit types, else 13)."""
+    specs = [config.activations, config.weights, *(s for s in config.overrides.values() if s is not None)]
+    return OPSET_16BIT if any(s.dtype in ("uint16", "int16") for s in specs) else MIN_OPSET
+
+
+def prepare(model: Any, config: QuantConfig | None = None) -> tuple[ir.Model, UpgradeOpset]:
     """Load ``model`` and run the prepare passes (the input itself is never modified)."""
     ir_model = load_model(model)
-    return ir_model, prepare_model(ir_model)
+    return ir_model, prepare_model(ir_model, required_opset(config or QuantConfig()))
 
 
-def prepare_model(ir_model: ir.Model) -> UpgradeOpset:
+def prepare_model(ir_model: ir.Model, min_opset: int = MIN_OPSET) -> UpgradeOpset:
     """Run the prepare passes on a loaded model in place; returns the opset pass (what it upgraded)."""
     _reject_quantized(ir_model)
-    upgrade = UpgradeOpset()
+    upgrade = UpgradeOpset(min_opset)
     try:
         prepare_passes(upgrade)(ir_model)
     except OnnxqError:
@@ -187,20 +198,28 @@ def quantize(
     ir_model = load_model(model)
     _, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
     size_before = _size_of(model, ir_model)
-    upgrade = prepare_model(ir_model)
+    upgrade = prepare_model(ir_model, required_opset(config))
 
     plan = make_plan(ir_model, config)
-    calibration = calibrate_minmax(
+    candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
+    calibration = calibrate(
         ir_model,
-        plan.calibration_tensors(),
+        {name: plan.activations[name].spec for name in plan.calibration_tensors()},
         samples,
         config.calibration,
         total=config.num_samples,
         keep=FIDELITY_SAMPLES if config.fidelity else 0,
         progress=progress,
+        channels=candidates,
     )
+    scales = (
+        choose_scales(candidates, calibration.channels, plan, config.smoothing)
+        if config.smoothing is not None
+        else {}
+    )
+    smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
     try:
-        rewrite_passes(plan, calibration.ranges)(ir_model)
+        rewrite_passes(plan, calibration.ranges, smoothing)(ir_model)
     except OnnxqError:
         raise
     except Exception as exc:
@@ -226,6 +245,7 @@ def quantize(
         fidelity=fidelity,
         fidelity_samples=len(calibration.kept_inputs),
         opset_upgraded_from=upgrade.upgraded_from,
+        smoothed={name: alpha for name, (_, alpha) in scales.items()},
     )
     log.info("quantized %d nodes", sum(summary.quantized_nodes.values()))
     return QuantizationResult(output_path, ir_model, summary)

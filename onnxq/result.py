@@ -40,6 +40,7 @@ class QuantizationSummary:
     fidelity: tuple[OutputFidelity, ...] = ()
     fidelity_samples: int = 0
     opset_upgraded_from: int | None = None
+    smoothed: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -65,6 +66,12 @@ class QuantizationSummary:
             f"({100 * self.size_ratio:.1f}%)"
         )
         lines.append(f"calibration samples: {self.calibration_samples}")
+        if self.smoothed:
+            alphas = sorted(self.smoothed.values())
+            lines.append(
+                f"SmoothQuant: {len(self.smoothed)} MatMul inputs smoothed "
+                f"(alpha {alphas[0]:.2f}..{alphas[-1]:.2f})"
+            )
         if self.opset_upgraded_from is not None:
             lines.append(f"opset upgraded from {self.opset_upgraded_from}")
         if self.fidelity:

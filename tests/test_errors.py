@@ -218,7 +218,7 @@ def test_unknown_config_key() -> None:
     [
         ({"weights": {"dtype": "int4"}}, "unsupported quantization dtype 'int4'"),
         ({"weights": {"granularity": {"kind": "per_block"}}}, "unknown granularity 'per_block'"),
-        ({"calibration": {"method": "Entropy"}}, "unknown calibration method 'Entropy'"),
+        ({"calibration": {"method": "KLD"}}, "unknown calibration method 'KLD'"),
         ({"calibration": {"method": "MinMax", "moving_average": 2.0}}, "0 < c < 1"),
         ({"calibration": {"method": "MinMax", "percentile": 99.9}}, "percentile"),
         ({"target": "gpu"}, "unknown target 'gpu'"),

@@ -1,8 +1,9 @@
 """Opset upgrade where quantization needs it.
 
-Guarantees: a model whose default-domain opset is below ``MIN_OPSET`` (13: per-axis
-QuantizeLinear/DequantizeLinear) is converted to it with onnxscript's version converter; newer
-models are left as they are. The pass records the original opset in ``upgraded_from``.
+Guarantees: a model whose default-domain opset is below the required one (``MIN_OPSET`` = 13 for
+per-axis QuantizeLinear/DequantizeLinear; ``OPSET_16BIT`` = 21 when 16-bit types are used) is
+converted to it with onnxscript's version converter; newer models are left as they are. The pass
+records the original opset in ``upgraded_from``.
 """
 
 from __future__ import annotations
@@ -17,26 +18,29 @@ from onnxq.errors import QuantizationError
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13
+OPSET_16BIT = 21  # QuantizeLinear/DequantizeLinear with uint16/int16
 
 
 class UpgradeOpset(ir.passes.InPlacePass):
-    """Raise the default-domain opset to at least ``MIN_OPSET``."""
+    """Raise the default-domain opset to at least ``min_opset``."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_opset: int = MIN_OPSET) -> None:
         super().__init__()
+        self.min_opset = min_opset
         self.upgraded_from: int | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", MIN_OPSET))
-        if version >= MIN_OPSET:
+        target = self.min_opset
+        version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", target))
+        if version >= target:
             return ir.passes.PassResult(model, False)
         try:
-            version_converter.convert_version(model, MIN_OPSET, fallback=True)
+            version_converter.convert_version(model, target, fallback=True)
         except Exception as exc:
             raise QuantizationError(
-                f"the model's opset {version} is too old for per-channel QDQ and could not be upgraded "
-                f"to {MIN_OPSET} ({exc}); re-export it with opset {MIN_OPSET} or newer"
+                f"the model's opset {version} is too old for the requested QDQ and could not be upgraded "
+                f"to {target} ({exc}); re-export it with opset {target} or newer"
             ) from None
-        log.info("upgraded the model from opset %d to %d for per-channel QDQ", version, MIN_OPSET)
+        log.info("upgraded the model from opset %d to %d for QDQ", version, target)
         self.upgraded_from = version
         return ir.passes.PassResult(model, True)
