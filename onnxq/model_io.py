@@ -152,6 +152,19 @@ def _lazy_model_proto(path: Path) -> onnx.ModelProto:
     return onnx.ModelProto.FromString(data)
 
 
+def model_in_folder(folder: Path) -> Path:
+    """The model file of a folder: its ``model.onnx``, else its only ``.onnx`` file that is not an
+    onnxq output (``*.quant.onnx``); ``ModelLoadError`` naming the fix otherwise."""
+    if (folder / "model.onnx").is_file():
+        return folder / "model.onnx"
+    candidates = sorted(p for p in folder.glob("*.onnx") if not p.name.endswith(".quant.onnx"))
+    if len(candidates) != 1:
+        raise ModelLoadError(
+            f"{folder} is a folder with {len(candidates)} float .onnx files; pass the model file itself"
+        )
+    return candidates[0]
+
+
 def load_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
     """An ``onnx_ir.Model`` for a path, a ``ModelProto`` or an ``onnx_ir.Model``.
 
@@ -170,12 +183,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mode
         )
     path = Path(model)
     if path.is_dir():
-        candidates = sorted(path.glob("*.onnx"))
-        if len(candidates) != 1:
-            raise ModelLoadError(
-                f"{path} is a folder with {len(candidates)} .onnx files; pass the model file itself"
-            )
-        path = candidates[0]
+        path = model_in_folder(path)
     if not path.exists():
         raise ModelLoadError(f"model file {path} does not exist; check the path")
     if not os.access(path, os.R_OK):

@@ -28,8 +28,8 @@ from onnxq import metrics
 from onnxq.calibrate import calibrate, make_session, session_options
 from onnxq.config import QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
-from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
-from onnxq.model_io import load_model, save_model
+from onnxq.errors import ConfigError, ModelLoadError, OnnxqError, OutputError, QuantizationError
+from onnxq.model_io import load_model, model_in_folder, save_model
 from onnxq.passes.cleanup import Cleanup
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
@@ -121,7 +121,10 @@ def _default_output(model: Any) -> Path | None:
     if isinstance(model, str | os.PathLike):
         path = Path(model)
         if path.is_dir():
-            return path / "model.quant.onnx"
+            try:
+                path = model_in_folder(path)
+            except ModelLoadError:
+                return path / "model.quant.onnx"  # load_model reports the problem
         return path.with_name(path.stem + ".quant.onnx")
     return None
 

@@ -74,8 +74,17 @@ def test_truncated_model(name: str, model_path, tmp_path) -> None:
 def test_folder_with_several_models(model_path, tmp_path) -> None:
     for n in ("a.onnx", "b.onnx"):
         (tmp_path / n).write_bytes(model_path(CNN).read_bytes())
-    with pytest.raises(ModelLoadError, match=r"2 \.onnx files"):
+    with pytest.raises(ModelLoadError, match=r"2 float \.onnx files"):
         onnxq.quantize(tmp_path, [{"input": _image()}])
+
+
+def test_folder_quantized_twice_reads_the_float_model(model_path, tmp_path) -> None:
+    (tmp_path / "net.onnx").write_bytes(model_path(CNN).read_bytes())
+    first = onnxq.quantize(tmp_path, [{"input": _image()}], progress=False)
+    assert first.output_path == tmp_path / "net.quant.onnx"
+    second = onnxq.quantize(tmp_path, [{"input": _image()}], progress=False)  # ignores net.quant.onnx
+    assert second.output_path == first.output_path
+    assert sum(second.summary.quantized_nodes.values()) > 0
 
 
 def test_wrong_model_type() -> None:
