@@ -124,6 +124,19 @@ class CalibrationResult:
     kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_large_blocks_promptly() -> None:
+    """Fix glibc's mmap threshold at its 128 KiB default (glibc otherwise raises it after each large
+    free and then keeps up to 32 MiB blocks of freed activations in the heap). Large blocks — ONNX
+    Runtime's activations — then go back to the OS when freed, which lowers calibration's peak RSS
+    by tens of MB. Process-wide and harmless elsewhere; a no-op off glibc."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by a finished ORT session back to the OS (glibc keeps it otherwise)."""
     if sys.platform.startswith("linux"):
@@ -311,6 +324,7 @@ def calibrate(
         name: histogram.HistogramObserver() for name, m in methods.items() if not isinstance(m, MinMax)
     }
     model_outputs = [v.name for v in model.graph.outputs]
+    return_large_blocks_promptly()
     augment = _Augment(model, list(tensors), hists, channels)
     with augment as reduce_names:
         try:
