@@ -1,15 +1,16 @@
 """Streaming, mergeable histograms of activations, and the clipping ranges computed from them.
 
 :class:`HistogramObserver` keeps a fixed number of bins (:data:`BINS`) over ``[-R, R)``, where ``R``
-is a power of two at least the largest magnitude seen. When a later batch exceeds ``R``, ``R`` doubles
-and adjacent bins merge pairwise. Because bin edges are always ``k · 2R / BINS`` with ``R`` a power of
-two, a value's final bin does not depend on when it arrived: folding batches in any order, or merging
-shards, gives exactly the same counts as one pass. Memory is ``BINS`` integers per tensor, whatever
-the number of samples.
+is a power of two greater than the largest magnitude seen (so no value sits on the edge ``R``). When
+a later batch reaches ``R``, ``R`` doubles and adjacent bins merge pairwise. Because bin edges are
+always ``k · 2R / BINS`` with ``R`` a power of two, a value's final bin does not depend on when it
+arrived: folding batches in any order, or merging shards, gives exactly the same counts as one pass.
+Memory is ``BINS`` integers per tensor, whatever the number of samples.
 
 The range functions (:func:`percentile_range`, :func:`entropy_range`, :func:`mse_range`) turn a
 histogram into the ``(min, max)`` handed to the quantizer; each is clipped to the exact observed
-extremes.
+extremes. A tensor that held an infinity gets its observed (infinite) extremes back, as with MinMax,
+so that it is recognised as holding sentinels and kept float.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ BINS = 8192
 _MIN_EXPONENT = -30  # R never drops below 2**-30: an all-zero tensor still has a valid histogram
 
 
-def _pow2_at_least(value: float) -> int:
-    """The smallest exponent ``e`` with ``2**e >= value`` (at least ``_MIN_EXPONENT``)."""
+def _pow2_above(value: float) -> int:
+    """The smallest exponent ``e`` with ``2**e > value`` (at least ``_MIN_EXPONENT``).
+
+    Strictly greater: a value equal to ``R`` would have to be clamped into the last bin, and that bin
+    does not merge into the bin a one-pass histogram with a larger ``R`` puts the value in.
+    """
     if not value > 0 or not math.isfinite(value):
         return _MIN_EXPONENT
-    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
-    if mantissa == 0.5:
-        exponent -= 1
+    _, exponent = math.frexp(value)  # value = m * 2**exponent with 0.5 <= m < 1, so value < 2**exponent
     return max(exponent, _MIN_EXPONENT)
 
 
@@ -72,14 +75,14 @@ class HistogramObserver:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return  # infinities (sentinels) are kept in min/max only; such tensors stay float
-        self._grow_to(_pow2_at_least(max(abs(lo), abs(hi))))
+        self._grow_to(_pow2_above(max(abs(lo), abs(hi))))
         # BINS / (2R) is a power of two, so the multiply is exact and the binning is order-independent.
         # Flooring before the offset keeps it exact too (no float rounding near a bin edge).
         index = values.astype(np.float32, copy=False).ravel() * np.float32(BINS / (2 * self.limit))
         np.floor(index, out=index)
         bins = index.astype(np.int32)
         bins += BINS // 2
-        np.minimum(bins, BINS - 1, out=bins)  # a value of exactly R falls in the last bin
+        np.minimum(bins, BINS - 1, out=bins)  # safety only: every value is below R
         self.counts += np.bincount(bins, minlength=BINS)
 
     def merge(self, other: HistogramObserver) -> HistogramObserver:
@@ -133,6 +136,11 @@ def _clip(observer: HistogramObserver, lo: float, hi: float) -> tuple[float, flo
     return max(lo, observer.min), min(hi, observer.max)
 
 
+def _non_finite(observer: HistogramObserver) -> bool:
+    """Whether the tensor held an infinity (its batches were left out of the counts)."""
+    return not (math.isfinite(observer.min) and math.isfinite(observer.max)) and observer.min <= observer.max
+
+
 def percentile_range(observer: HistogramObserver, percentile: float, symmetric: bool) -> tuple[float, float]:
     """The range holding ``percentile`` % of the values.
 
@@ -140,6 +148,8 @@ def percentile_range(observer: HistogramObserver, percentile: float, symmetric: 
     holds ``(100 - percentile) / 2`` % of the values. Bin upper edges are returned (never clipping
     more than asked).
     """
+    if _non_finite(observer):
+        return observer.min, observer.max
     if observer.total == 0:
         return 0.0, 0.0
     tail = 1.0 - percentile / 100.0
@@ -159,15 +169,19 @@ def percentile_range(observer: HistogramObserver, percentile: float, symmetric: 
 def kl_threshold_bin(hist: np.ndarray, levels: int, candidates: int) -> int:
     """The bin count ``i`` whose threshold minimises KL(P‖Q), TensorRT's entropy calibration.
 
-    ``hist`` counts ``|x|`` in equal bins from 0. For each candidate ``i`` (from ``levels`` to
-    ``len(hist)``, ``candidates`` of them evenly spaced): P is ``hist[:i]`` with the clipped outliers
-    added to its last bin; Q merges ``hist[:i]`` into ``levels`` bins and spreads each merged count
-    evenly over the source bins that were nonzero. Returns the ``i`` with the smallest divergence.
+    ``hist`` counts ``|x|`` in equal bins from 0. As in TensorRT (NVIDIA pytorch-quantization's
+    ``_compute_amax_entropy``) the first bin's count is replaced by the second's, so that exact zeros
+    (ReLU outputs, padding) do not dominate the divergence and pull the threshold far below the data.
+    For each candidate ``i`` (from ``levels`` to ``len(hist)``, ``candidates`` of them evenly spaced):
+    P is ``hist[:i]`` with the clipped outliers added to its last bin; Q merges ``hist[:i]`` into
+    ``levels`` bins and spreads each merged count evenly over the source bins that were nonzero.
+    Returns the ``i`` with the smallest divergence.
     """
     n = len(hist)
     if n <= levels:
         return n
-    hist = hist.astype(np.float64)
+    hist = hist.astype(np.float64)  # a copy
+    hist[0] = hist[1]
     suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # suffix[i] = sum(hist[i:])
     starts = np.unique(np.linspace(levels, n, num=max(2, candidates)).round().astype(int))
     best_i, best_kl = n, math.inf
@@ -201,6 +215,8 @@ def entropy_range(
     One-sided data (``min >= 0``) under an unsigned or asymmetric type has the whole integer range
     for ``[0, t]``; two-sided data has half of it per side, as in TensorRT.
     """
+    if _non_finite(observer):
+        return observer.min, observer.max
     if observer.total == 0:
         return 0.0, 0.0
     qmin, qmax = quant_range(qtype, symmetric)
@@ -233,6 +249,8 @@ def mse_range(
     centre. Symmetric: a 1-D search over ``t`` in ``(0, max|x|]``. Asymmetric: both ends shrunk
     together, then the upper and the lower end alone (coordinate descent on ``candidates`` points).
     """
+    if _non_finite(observer):
+        return observer.min, observer.max
     if observer.total == 0:
         return 0.0, 0.0
     edges = observer.edges()

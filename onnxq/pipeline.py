@@ -142,11 +142,24 @@ def _size_of(model: Any, ir_model: ir.Model) -> int:
     )
 
 
+MASK_INPUT = "attention_mask"
+
+
+def _real_positions(sample: Sample, value: np.ndarray) -> np.ndarray:
+    """``value`` flattened, keeping only the positions a 2-D ``attention_mask`` input marks real when
+    the output's leading axes are ``[batch, sequence]`` (padding positions are computed but unused, and
+    their errors say nothing about the model); the whole of ``value`` otherwise."""
+    mask = sample.get(MASK_INPUT)
+    if mask is not None and mask.ndim == 2 and value.ndim >= 2 and value.shape[:2] == mask.shape:
+        return value[mask.astype(bool)].ravel()
+    return value.ravel()
+
+
 def measure_fidelity(
     model: ir.Model | Path, inputs: list[Sample], references: list[dict[str, np.ndarray]]
 ) -> tuple[OutputFidelity, ...]:
     """Cosine, SQNR and max abs error of ``model``'s outputs (a model or a saved file) against fp32
-    ``references``."""
+    ``references``, over the real (not padded) positions when the model takes an ``attention_mask``."""
     if not inputs:
         return ()
     if isinstance(model, Path):
@@ -159,8 +172,8 @@ def measure_fidelity(
     for sample, ref in zip(inputs, references, strict=True):
         for name, value in zip(names, session.run(names, sample), strict=True):
             if name in ref and np.issubdtype(value.dtype, np.floating):
-                refs[name].append(ref[name].ravel())
-                outs[name].append(value.ravel())
+                refs[name].append(_real_positions(sample, ref[name]))
+                outs[name].append(_real_positions(sample, value))
     result = []
     for name in names:
         if not refs[name]:

@@ -1,0 +1,234 @@
+"""SmoothQuant: which activations are candidates, that smoothing keeps the float function, and that
+it lowers the quantization error where activations have outlier channels.
+
+The model: ``h = LayerNormalization(x)`` with gamma 50 on 3 of 32 channels; ``h`` feeds two MatMuls
+with constant weights and, in float, a residual ``Add``; ``out = h + h @ W1 + h @ W2``.
+
+Bounds, measured on the current code (32 calibration samples, 16 held-out, seeds below): output
+SQNR 43.1 dB with the default config (alpha 0.6 chosen) vs 34.3 dB with ``smoothing=None`` (the
+test asks for at least 5 dB more); the smoothed float model matches the original to < 1e-5 relative.
+
+The real all-MiniLM-L6-v2 (``minilm-real``, 16 calibration samples padded to 128 tokens): the
+default config smooths 19 tensors; on the real (unpadded) token positions of 32 held-out inputs the
+cosine is 0.9939 against 0.9869 without smoothing (on the VADER movie snippets' mean-pooled
+embeddings 0.995 against 0.9895). The padded positions, which the model computes but never uses, get
+much worse (0.83 vs 0.98 over all positions): the summary's fidelity therefore skips them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import models
+import onnxq
+from onnxq import metrics
+from onnxq.calibrate import calibrate
+from onnxq.config import MinMax, Percentile, QuantConfig, SmoothQuant
+from onnxq.errors import ConfigError
+from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
+from onnxq.pipeline import prepare
+from onnxq.plan import Planner
+from onnxq.qmath import int_type, scale_zero_point
+from tests.helpers import make_model, producers, run, tensor_info
+
+S, K = 16, 32
+OUTLIER_CHANNELS = [3, 17, 29]
+
+
+def ln_model(boost: float = 50.0, *, extra: str | None = None, seed: int = 0) -> onnx.ModelProto:
+    """``out = h + h @ W1 + h @ W2`` with ``h = LayerNorm(x)``, gamma ``boost`` on 3 channels.
+
+    ``extra``: ``"gemm"`` also reads ``h`` through a Gemm (2-D model), ``"shared"`` also uses ``W1``
+    in ``x @ W1``, ``"second-input"`` also reads ``h`` as the second input of an activation MatMul.
+    """
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(K, np.float32)
+    gamma[OUTLIER_CHANNELS] = boost
+    shape = [S, K] if extra == "gemm" else [1, S, K]
+    inits = {
+        "gamma": gamma,
+        "beta": (0.1 * rng.normal(size=K)).astype(np.float32),
+        "W1": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32),
+        "W2": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "W1"], ["y1"], name="mm1"),
+        helper.make_node("MatMul", ["h", "W2"], ["y2"], name="mm2"),
+        helper.make_node("Add", ["h", "y1"], ["r"], name="residual"),
+        helper.make_node("Add", ["r", "y2"], ["out"], name="sum"),
+    ]
+    outputs = [tensor_info("out", shape=shape)]
+    if extra == "gemm":
+        inits["W3"] = (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32)
+        inits["B3"] = np.zeros(K, np.float32)
+        nodes.append(helper.make_node("Gemm", ["h", "W3", "B3"], ["g"], name="gemm", transB=1))
+        outputs.append(tensor_info("g", shape=shape))
+    elif extra == "shared":
+        nodes.append(helper.make_node("MatMul", ["x", "W1"], ["z"], name="mm_shared"))
+        outputs.append(tensor_info("z", shape=shape))
+    elif extra == "second-input":
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], name="tr", perm=[0, 2, 1]))
+        nodes.append(helper.make_node("MatMul", ["xt", "h"], ["c"], name="mm_act"))
+        outputs.append(tensor_info("c", shape=[1, K, K]))
+    elif extra is not None:  # pragma: no cover
+        raise AssertionError(extra)
+    return make_model(nodes, [tensor_info("x", shape=shape)], outputs, inits)
+
+
+def feeds(n: int, seed: int, shape=(1, S, K)) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+CALIB, HELD_OUT = feeds(32, 1), feeds(16, 2)
+
+
+def smooth_only(proto: onnx.ModelProto, config: SmoothQuant | None = None):
+    """Run the pipeline's smoothing steps without quantizing: (model, candidates, scales, ranges)."""
+    config = config or SmoothQuant()
+    model, _ = prepare(proto)
+    plan = Planner(QuantConfig(smoothing=config)).plan(model)
+    candidates = find_candidates(model, plan)
+    specs = {name: plan.activations[name].spec for name in plan.calibration_tensors()}
+    cal = calibrate(model, specs, iter(CALIB), MinMax(), progress=False, channels=candidates)
+    scales = choose_scales(candidates, cal.channels, plan, config)
+    SmoothActivations(plan, cal.ranges, candidates, scales, cal.channels)(model)
+    return model, candidates, scales, cal.ranges
+
+
+def output_sqnr(proto: onnx.ModelProto, quantized: ir.Model) -> float:
+    want = np.concatenate([run(proto, f)[0].ravel() for f in HELD_OUT])
+    got = np.concatenate([run(quantized, f)[0].ravel() for f in HELD_OUT])
+    return metrics.sqnr_db(want, got)
+
+
+def activations_of(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    """Every calibration sample's value of tensor ``name``, rows = positions, columns = channels."""
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([name], f)[0].reshape(-1, K) for f in CALIB]).astype(np.float64)
+
+
+def test_smoothing_keeps_the_float_function() -> None:
+    proto = ln_model()
+    model, candidates, scales, _ = smooth_only(proto)
+    assert set(candidates) == {"h"} and {n.name for n in candidates["h"].nodes} == {"mm1", "mm2"}
+    s, alpha = scales["h"]
+    assert alpha in SmoothQuant().alphas
+    assert s[OUTLIER_CHANNELS].min() > 3 * np.median(s)  # the outlier channels really are divided
+    smoothed = ir.to_proto(model)
+    assert "Mul" in [n.op_type for n in smoothed.graph.node]
+    weights = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    np.testing.assert_allclose(weights["W1"], original["W1"] * s[:, None].astype(np.float32), rtol=1e-6)
+    for feed in HELD_OUT:
+        want, got = run(proto, feed)[0], run(smoothed, feed)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_smoothed_range_is_the_exact_range_of_x_over_s() -> None:
+    """Whatever the calibration method, the smoothed tensor's scale is the MinMax range of X / s."""
+    proto = ln_model()
+    config = QuantConfig(calibration=Percentile(99.0), smoothing=SmoothQuant(alpha=0.5))
+    result = onnxq.quantize(proto, CALIB, config=config, progress=False)
+    assert result.summary.smoothed == {"h": 0.5}
+    out = ir.to_proto(result.model)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    mul = next(n for n in out.graph.node if n.op_type == "Mul" and n.input[0] == "h")
+    q = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == mul.output[0])
+    xs = activations_of(proto, "h") * inits[mul.input[1]].astype(np.float64)
+    scale, zero = scale_zero_point(xs.min(), xs.max(), int_type("uint8"), False)
+    np.testing.assert_allclose(inits[q.input[1]], scale, rtol=1e-6)
+    assert abs(int(inits[q.input[2]]) - int(zero)) <= 1
+
+
+def test_smoothing_lowers_the_quantization_error() -> None:
+    proto = ln_model()
+    smoothed = onnxq.quantize(proto, CALIB, progress=False)  # the default config smooths
+    plain = onnxq.quantize(proto, CALIB, config=QuantConfig(smoothing=None), progress=False)
+    assert set(smoothed.summary.smoothed) == {"h"} and plain.summary.smoothed == {}
+    assert "SmoothQuant" in smoothed.summary.to_text()
+    gain = output_sqnr(proto, smoothed.model) - output_sqnr(proto, plain.model)
+    assert gain >= 5.0, gain
+
+
+def test_float_uses_keep_reading_the_unsmoothed_tensor() -> None:
+    proto = ln_model()
+    out = ir.to_proto(onnxq.quantize(proto, CALIB, progress=False).model)
+    nodes = {n.name: n for n in out.graph.node}
+    prod = producers(out)
+    assert nodes["residual"].input[0] == "h" and prod["h"].op_type == "LayerNormalization"
+    assert not [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "h"]
+    for mm in ("mm1", "mm2"):
+        dq = prod[nodes[mm].input[0]]
+        q = prod[dq.input[0]]
+        mul = prod[q.input[0]]
+        assert (dq.op_type, q.op_type, mul.op_type, mul.input[0]) == (
+            "DequantizeLinear",
+            "QuantizeLinear",
+            "Mul",
+            "h",
+        )
+
+
+@pytest.mark.parametrize("boost", [1.0, 3.0])
+def test_tensor_without_outliers_is_not_smoothed(boost: float) -> None:
+    proto = ln_model(boost)
+    smoothed = onnxq.quantize(proto, CALIB, progress=False)
+    plain = onnxq.quantize(proto, CALIB, config=QuantConfig(smoothing=None), progress=False)
+    assert smoothed.summary.smoothed == {}
+    # nothing smoothed: the very same model as with smoothing off
+    assert ir.to_proto(smoothed.model).SerializeToString() == ir.to_proto(plain.model).SerializeToString()
+
+
+@pytest.mark.parametrize("extra", ["gemm", "shared", "second-input"])
+def test_not_a_candidate(extra: str) -> None:
+    """Also read by a quantized non-MatMul op, or its weight shared with another node, or read as a
+    MatMul's second input: not smoothed (and the same model without that use is)."""
+    proto = ln_model(extra=extra)
+    shape = (S, K) if extra == "gemm" else (1, S, K)
+    model, _ = prepare(proto)
+    plan = Planner(QuantConfig()).plan(model)
+    assert "h" in plan.activations  # h is quantized ...
+    assert "h" not in find_candidates(model, plan)  # ... but not a smoothing candidate
+    result = onnxq.quantize(proto, feeds(16, 1, shape), progress=False)
+    assert result.summary.smoothed == {}
+    if extra == "gemm":
+        assert result.summary.quantized_nodes.get("Gemm") == 1
+    # control: the same graph without the extra use is smoothed
+    control = onnxq.quantize(ln_model(), feeds(16, 1), progress=False)
+    assert set(control.summary.smoothed) == {"h"}
+
+
+def test_invalid_smoothquant_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"alpha values must lie in \[0, 1\]"):
+        SmoothQuant(alpha=1.5)
+    with pytest.raises(ConfigError, match=r"alpha values must lie in \[0, 1\]"):
+        QuantConfig(smoothing=SmoothQuant(alphas=(0.5, 2.0)))
+
+
+@pytest.mark.skipif(not models.is_built("minilm-real"), reason="minilm-real is not built")
+def test_smoothing_helps_the_real_minilm(model_path, calib_feeds, tmp_path) -> None:
+    path, calib = model_path("minilm-real"), calib_feeds("minilm-real", 16)
+    results = {
+        label: onnxq.quantize(
+            path,
+            calib,
+            config=QuantConfig(smoothing=smoothing),
+            output=tmp_path / f"{label}.onnx",
+            progress=False,
+        )
+        for label, smoothing in [("default", SmoothQuant()), ("off", None)]
+    }
+    default, off = results["default"].summary, results["off"].summary
+    assert default.smoothed and not off.smoothed
+    assert default.fidelity[0].name == "last_hidden_state"
+    assert default.fidelity[0].cosine > off.fidelity[0].cosine, (default.fidelity, off.fidelity)
+    assert default.fidelity[0].sqnr_db > off.fidelity[0].sqnr_db
