@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench models clean
+.PHONY: demo test lint bench fidelity models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) tools/bench_quantize.py
+
+fidelity: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) tools/fidelity.py
 
 models: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m models build all

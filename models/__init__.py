@@ -19,11 +19,19 @@ from pathlib import Path
 from . import cache, recipes
 from .cache import cache_root, is_built, model_dir
 from .digits import digits_split, onnx_top1
-from .inputs import sample_inputs, vader_sentences
+from .inputs import (
+    causal_lm_feed,
+    python_docs_text,
+    sample_inputs,
+    text_windows,
+    vader_sentences,
+    vader_snippets,
+)
 
 __all__ = [
     "build",
     "cache_root",
+    "causal_lm_feed",
     "describe",
     "descriptions",
     "digits_split",
@@ -31,8 +39,11 @@ __all__ = [
     "model_dir",
     "names",
     "onnx_top1",
+    "python_docs_text",
     "sample_inputs",
+    "text_windows",
     "vader_sentences",
+    "vader_snippets",
 ]
 
 logger = logging.getLogger(__name__)

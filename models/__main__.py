@@ -49,7 +49,11 @@ def _build(targets: list[str], force: bool) -> int:
         metrics = path.parent / "metrics.json"
         extra = ""
         if metrics.is_file():
-            extra = f", fp32 top-1 {json.loads(metrics.read_text())['fp32_top1_accuracy']:.4f}"
+            values = json.loads(metrics.read_text())
+            if "fp32_top1_accuracy" in values:
+                extra = f", fp32 top-1 {values['fp32_top1_accuracy']:.4f}"
+            elif "max_abs_logit_diff_vs_torch" in values:
+                extra = f", ONNX vs torch max |logit diff| {values['max_abs_logit_diff_vs_torch']:.1e}"
         logger.info("%s: ready at %s (%.1f s%s)", name, path, time.perf_counter() - t0, extra)
     if failed:
         logger.error("failed: %s", ", ".join(failed))

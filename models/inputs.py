@@ -15,9 +15,33 @@ from . import digits, recipes
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAST_LEN = 8
-VADER_TEXT = Path(__file__).resolve().parent / "data" / "vader_amazon_snippets.tsv"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+VADER_TEXT = DATA_DIR / "vader_amazon_snippets.tsv"
+VADER_FILES = {
+    "amazon": VADER_TEXT,  # 400 of the 3,708 Amazon snippets
+    "movie": DATA_DIR / "vader_movie_snippets.tsv",
+    "nyt": DATA_DIR / "vader_nyt_snippets.tsv",
+}
+PYTHON_DOCS = {
+    "tutorial": DATA_DIR / "python-tutorial.txt",  # evaluation text (perplexity)
+    "faq": DATA_DIR / "python-faq.txt",  # calibration text
+}
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
+
+
+@functools.lru_cache(maxsize=4)
+def vader_snippets(which: str = "amazon") -> tuple[tuple[str, float], ...]:
+    """Return ``(text, sentiment)`` of every VADER snippet in ``models/data`` for ``which``, in file order.
+
+    ``which`` is ``"amazon"`` (400-snippet subset), ``"movie"`` (10,605 Rotten Tomatoes snippets) or
+    ``"nyt"`` (5,190 editorial snippets); sentiment is the mean human rating in [-4, 4].
+    """
+    if which not in VADER_FILES:
+        raise KeyError(f"unknown VADER file {which!r}; known: {', '.join(VADER_FILES)}")
+    lines = VADER_FILES[which].read_text(encoding="utf-8").splitlines()[1:]
+    rows = (line.split("\t", 2) for line in lines if line.count("\t") >= 2)
+    return tuple((text.strip(), float(score)) for _, score, text in rows)
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,6 +49,56 @@ def vader_sentences() -> tuple[str, ...]:
     """Return the review snippets in ``models/data`` (real English text, file order)."""
     lines = VADER_TEXT.read_text(encoding="utf-8").splitlines()[1:]
     return tuple(line.split("\t", 2)[2] for line in lines if line.count("\t") >= 2)
+
+
+def python_docs_text(which: str) -> str:
+    """Return the Python documentation text ``"tutorial"`` (evaluation) or ``"faq"`` (calibration)."""
+    if which not in PYTHON_DOCS:
+        raise KeyError(f"unknown text {which!r}; known: {', '.join(PYTHON_DOCS)}")
+    return PYTHON_DOCS[which].read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=8)
+def _doc_token_ids(tokenizer_dir: str, which: str) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    ids = tokenizer(python_docs_text(which), add_special_tokens=False)["input_ids"]
+    out = np.asarray(ids, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+def text_windows(name: str, which: str, n: int | None = None, seq_len: int = 512) -> np.ndarray:
+    """Return the first ``n`` non-overlapping ``seq_len``-token windows of a Python docs text.
+
+    The text (``"tutorial"`` or ``"faq"``) is tokenized whole, without special tokens, with the
+    tokenizer saved beside model ``name`` (built first if needed), then cut into consecutive
+    windows; a partial last window is dropped. ``n=None`` gives every full window. Returns int64
+    ``[n, seq_len]``; ``ValueError`` if the text has fewer than ``n`` windows.
+    """
+    from . import build
+
+    ids = _doc_token_ids(str(build(name).parent), which)
+    available = len(ids) // seq_len
+    n = available if n is None else n
+    if n > available:
+        raise ValueError(f"{which} text has {available} windows of {seq_len} tokens, {n} requested")
+    return ids[: n * seq_len].reshape(n, seq_len).copy()
+
+
+def causal_lm_feed(ids: np.ndarray, spec: list[dict[str, Any]] | None = None) -> dict[str, np.ndarray]:
+    """Return the feed of a no-past causal LM for ``ids`` ``[batch, seq]``: mask ones, positions 0..seq-1.
+
+    With ``spec`` (the model's inputs), only the inputs the model has are kept.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    full = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
+    }
+    return full if spec is None else {s["name"]: full[s["name"]] for s in spec}
 
 
 def _signature(model_path: Path) -> list[dict[str, Any]]:
@@ -159,6 +233,18 @@ def _decoder_feeds(
     return feeds
 
 
+def _doc_window_feeds(
+    name: str, model_path: Path, spec: list[dict[str, Any]], n: int, rng: np.random.Generator, seq_len: int
+) -> list[dict[str, np.ndarray]]:
+    """Feeds of a no-past causal LM: ``n`` random non-overlapping ``seq_len``-token FAQ windows."""
+    if any(s["name"].startswith(_PAST_PREFIX) for s in spec):
+        raise ValueError(f"{name}: text windows are for models without past key values")
+    windows = text_windows(name, "faq", None, seq_len)
+    picks = rng.choice(len(windows), size=n, replace=n > len(windows))
+    dtypes = {s["name"]: np.dtype(s["dtype"]) for s in spec}
+    return [_select(causal_lm_feed(windows[int(i) : int(i) + 1]), dtypes, model_path) for i in picks]
+
+
 def _image_feeds(n: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     """``n`` single held-out digit images (distinct while ``n`` <= 397)."""
     _, _, x_test, _ = digits.digits_split()
@@ -183,6 +269,8 @@ def sample_inputs(
       ``attention_mask`` ones (about 1 in 4 feeds padded at the end), ``token_type_ids`` zeros;
     - ``minilm-real``: real review snippets tokenized and padded/truncated to ``seq_len``;
     - decoders: ``seq_len`` new tokens after a real past of ``past_len`` tokens (default 8);
+    - ``smollm2-135m`` (no past): random non-overlapping ``seq_len``-token windows of the Python FAQ
+      text (``past_len`` is ignored);
     - CNNs: single images from the held-out digits split (``seq_len`` is ignored).
 
     ``seq_len`` defaults to the recipe's (16 for tiny models, 128 for the bigger ones).
@@ -199,7 +287,9 @@ def sample_inputs(
         feeds = _image_feeds(n, rng)
     else:
         seq_len = seq_len or recipe.default_seq_len or 16
-        if recipe.kind == "decoder":
+        if recipe.kind == "decoder" and recipe.text == "python-docs":
+            feeds = _doc_window_feeds(name, model_path, spec, n, rng, seq_len)
+        elif recipe.kind == "decoder":
             past = DEFAULT_PAST_LEN if past_len is None else past_len
             feeds = _decoder_feeds(model_path, spec, n, rng, seq_len, past)
         elif recipe.text == "vader":

