@@ -3,11 +3,10 @@
 A calibration copy of the graph gets a ReduceMin and a ReduceMax output for every tensor the plan
 needs, so for MinMax each sample returns two scalars per tensor instead of the tensor itself. For the
 histogram methods (Percentile, Entropy, MSE) the tensor is fetched too and folded at once into a
-fixed-size :class:`~onnxq.histogram.HistogramObserver`; the next sample runs in ONNX Runtime while
-the previous one is being binned. Memory holds one sample's activations, whatever the number of
-samples. Observers merge (shards give the same result as one pass). The copy's weights are not
-duplicated: it is serialised without weight bytes and ONNX Runtime reads them from the model's own
-file.
+fixed-size :class:`~onnxq.histogram.HistogramObserver` and released. Memory holds one sample's
+activations, whatever the number of samples. Observers merge (shards give the same result as one
+pass). The copy's weights are not duplicated: it is serialised without weight bytes and ONNX Runtime
+reads them from the model's own file.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import ctypes
 import logging
 import sys
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,52 +340,41 @@ def calibrate(
     )
     result = CalibrationResult({}, 0, {name: ChannelStats() for name in channel_names})
     bar = tqdm(samples, total=total, desc="calibrating", unit="sample", disable=not progress, leave=False)
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as binner:  # bins sample k while ORT runs sample k+1
-        for sample in bar:
-            try:
-                outputs = session.run(fetch, sample)
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"calibration sample {result.samples_seen} failed in ONNX Runtime: "
-                    f"{str(exc).splitlines()[0]}"
-                ) from None
-            named = dict(zip(fetch, outputs, strict=True))
-            extremes = {}
-            for tensor, (lo, hi) in reduce_names.items():
-                lo_v, hi_v = named[lo], named[hi]
-                if lo_v.size == 0:
-                    continue
-                extremes[tensor] = (float(lo_v), float(hi_v))
-                minmax[tensor].update(*extremes[tensor])
-            for tensor, (lo, hi, sq, shape) in channel_names.items():
-                if named[lo].size:
-                    rows = int(np.prod(named[shape][:-1]))
-                    result.channels[tensor].update(named[lo], named[hi], named[sq], rows)
-            if pending is not None:
-                pending.result()
-            if hists:
-                pending = binner.submit(_fold, hists, {n: named[n] for n in hists}, extremes)
-            if len(result.kept_inputs) < keep:
-                result.kept_inputs.append(sample)
-                result.kept_outputs.append({n: named[n] for n in model_outputs})
-            del named, outputs
-            result.samples_seen += 1
-        if pending is not None:
-            pending.result()
+    for sample in bar:
+        try:
+            outputs = session.run(fetch, sample)
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"calibration sample {result.samples_seen} failed in ONNX Runtime: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        named = dict(zip(fetch, outputs, strict=True))
+        del outputs
+        extremes = {}
+        for tensor, (lo, hi) in reduce_names.items():
+            lo_v, hi_v = named[lo], named[hi]
+            if lo_v.size == 0:
+                continue
+            extremes[tensor] = (float(lo_v), float(hi_v))
+            minmax[tensor].update(*extremes[tensor])
+        for tensor, (lo, hi, sq, shape) in channel_names.items():
+            if named[lo].size:
+                rows = int(np.prod(named[shape][:-1]))
+                result.channels[tensor].update(named[lo], named[hi], named[sq], rows)
+        if len(result.kept_inputs) < keep:
+            result.kept_inputs.append(sample)
+            result.kept_outputs.append({n: named[n] for n in model_outputs})
+        # Binned inline, each tensor released as soon as it is folded: one sample's activations at most.
+        for name, observer in hists.items():
+            values = named.pop(name)
+            if name in extremes:
+                observer.update(values, *extremes[name])
+            del values
+        del named
+        result.samples_seen += 1
     del session
     release_freed_memory()
     result.ranges = {
         name: tensor_range(methods[name], tensors[name], minmax[name], hists.get(name)) for name in tensors
     }
     return result
-
-
-def _fold(
-    hists: dict[str, histogram.HistogramObserver],
-    values: dict[str, np.ndarray],
-    extremes: dict[str, tuple[float, float]],
-) -> None:
-    for name, observer in hists.items():
-        if name in extremes:
-            observer.update(values[name], *extremes[name])

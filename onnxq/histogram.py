@@ -25,6 +25,9 @@ from onnxq.qmath import IntType, quant_range, scale_zero_point
 BINS = 8192
 """Bins over ``[-R, R)``; the data's own range always covers at least a quarter of them per side."""
 
+MSE_SEARCH_BINS = 1024
+"""At most this many points enter the MSE range search (see :func:`mse_range`)."""
+
 _MIN_EXPONENT = -30  # R never drops below 2**-30: an all-zero tensor still has a valid histogram
 
 
@@ -248,6 +251,8 @@ def mse_range(
     Error = rounding error inside the range + clipping error outside, each bin represented by its
     centre. Symmetric: a 1-D search over ``t`` in ``(0, max|x|]``. Asymmetric: both ends shrunk
     together, then the upper and the lower end alone (coordinate descent on ``candidates`` points).
+    Above ``MSE_SEARCH_BINS`` occupied bins, groups of adjacent bins are merged into one point at
+    their count-weighted mean, which keeps the search a few ms per tensor.
     """
     if _non_finite(observer):
         return observer.min, observer.max
@@ -257,6 +262,12 @@ def mse_range(
     nonzero = np.flatnonzero(observer.counts)
     centers = (edges[nonzero] + edges[nonzero + 1]) / 2
     counts = observer.counts[nonzero].astype(np.float64)
+    if len(nonzero) > MSE_SEARCH_BINS:
+        group = nonzero // -(-len(nonzero) // MSE_SEARCH_BINS)  # ceil division: ≤ MSE_SEARCH_BINS groups
+        _, group = np.unique(group, return_inverse=True)
+        merged = np.bincount(group, weights=counts)
+        centers = np.bincount(group, weights=centers * counts) / merged
+        counts = merged
     fractions = np.linspace(1.0 / candidates, 1.0, candidates)
     lo0, hi0 = min(observer.min, 0.0), max(observer.max, 0.0)
     if symmetric:
