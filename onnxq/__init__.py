@@ -4,7 +4,17 @@
 ``sys.modules["onnxq.export"]``); torch, transformers and optimum are imported only when it is called.
 """
 
-from onnxq.config import MinMax, PerChannel, PerTensor, QuantConfig, QuantSpec
+from onnxq.config import (
+    MSE,
+    Entropy,
+    MinMax,
+    Percentile,
+    PerChannel,
+    PerTensor,
+    QuantConfig,
+    QuantSpec,
+    SmoothQuant,
+)
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
@@ -22,8 +32,10 @@ from onnxq.result import QuantizationResult, QuantizationSummary
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSE",
     "CalibrationDataError",
     "ConfigError",
+    "Entropy",
     "ExportError",
     "MinMax",
     "MissingDependencyError",
@@ -32,11 +44,13 @@ __all__ = [
     "OutputError",
     "PerChannel",
     "PerTensor",
+    "Percentile",
     "QuantConfig",
     "QuantSpec",
     "QuantizationError",
     "QuantizationResult",
     "QuantizationSummary",
+    "SmoothQuant",
     "__version__",
     "export",
     "quantize",

@@ -11,8 +11,10 @@ import logging
 import sys
 
 from onnxq import __version__
-from onnxq.config import PerTensor, QuantConfig
+from onnxq.config import MSE, Entropy, MinMax, Percentile, PerTensor, QuantConfig
 from onnxq.errors import OnnxqError
+
+METHODS = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_OP",
         help="node names (fnmatch patterns) or op types to keep in float",
     )
+    q.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        help="calibration method (default minmax; percentile/entropy/mse build streaming histograms)",
+    )
+    q.add_argument("--no-smoothing", action="store_true", help="turn SmoothQuant outlier migration off")
     q.add_argument("--num-samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--no-fidelity", action="store_true", help="skip the fp32 comparison")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,6 +93,10 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         op_like = tuple(e for e in excludes if e[:1].isupper() and e.isalnum())
         changes["exclude_op_types"] = config.exclude_op_types + op_like
         changes["exclude_nodes"] = config.exclude_nodes + tuple(e for e in excludes if e not in op_like)
+    if getattr(args, "method", None):
+        changes["calibration"] = METHODS[args.method]()
+    if getattr(args, "no_smoothing", False):
+        changes["smoothing"] = None
     if getattr(args, "num_samples", None):
         changes["num_samples"] = args.num_samples
     if getattr(args, "no_fidelity", False):

@@ -103,3 +103,26 @@ def test_console_entry_point_exit_code(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _first_activation_scales(path: Path) -> list[float]:
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [
+        float(inits[n.input[1]])
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].ndim == 0
+    ]
+
+
+def test_method_flag_changes_the_calibrated_scales(calib_npz, tmp_path) -> None:
+    model, npz = calib_npz
+    outs = {}
+    for method in ("minmax", "mse"):
+        outs[method] = tmp_path / f"{method}.onnx"
+        argv = ["quantize", str(model), "--calib", str(npz), "-o", str(outs[method]), "--quiet"]
+        assert main([*argv, "--method", method, "--no-smoothing"]) == 0
+    minmax, mse = (_first_activation_scales(outs[m]) for m in ("minmax", "mse"))
+    assert len(minmax) == len(mse) > 0
+    assert all(p <= m * (1 + 1e-6) for p, m in zip(mse, minmax, strict=True))
+    assert any(p < m * 0.999 for p, m in zip(mse, minmax, strict=True))
