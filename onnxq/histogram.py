@@ -25,6 +25,8 @@ from onnxq.qmath import IntType, quant_range, scale_zero_point
 BINS = 8192
 """Bins over ``[-R, R)``; the data's own range always covers at least a quarter of them per side."""
 
+_CHUNK = 1 << 16  # values binned per step
+
 MSE_SEARCH_BINS = 1024
 """At most this many points enter the MSE range search (see :func:`mse_range`)."""
 
@@ -80,13 +82,21 @@ class HistogramObserver:
             return  # infinities (sentinels) are kept in min/max only; such tensors stay float
         self._grow_to(_pow2_above(max(abs(lo), abs(hi))))
         # BINS / (2R) is a power of two, so the multiply is exact and the binning is order-independent.
-        # Flooring before the offset keeps it exact too (no float rounding near a bin edge).
-        index = values.astype(np.float32, copy=False).ravel() * np.float32(BINS / (2 * self.limit))
-        np.floor(index, out=index)
-        bins = index.astype(np.int32)
-        bins += BINS // 2
-        np.minimum(bins, BINS - 1, out=bins)  # safety only: every value is below R
-        self.counts += np.bincount(bins, minlength=BINS)
+        # Flooring before the offset keeps it exact too (no float rounding near a bin edge). Chunks
+        # reuse two small buffers: cache-resident, and no tensor-sized temporaries.
+        factor = np.float32(BINS / (2 * self.limit))
+        flat = values.astype(np.float32, copy=False).ravel()
+        scaled = np.empty(min(flat.size, _CHUNK), dtype=np.float32)
+        bins = np.empty(scaled.size, dtype=np.int32)
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            f, b = scaled[: chunk.size], bins[: chunk.size]
+            np.multiply(chunk, factor, out=f)
+            np.floor(f, out=f)
+            b[...] = f
+            np.add(b, BINS // 2, out=b)
+            np.minimum(b, BINS - 1, out=b)  # safety only: every value is below R
+            self.counts += np.bincount(b, minlength=BINS)
 
     def merge(self, other: HistogramObserver) -> HistogramObserver:
         """Fold another shard in; the result equals one pass over both shards' data."""
