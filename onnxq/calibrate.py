@@ -316,8 +316,10 @@ def calibrate(
     kept for the fidelity report.
     """
     methods = {name: spec.calibration or method for name, spec in tensors.items()}
-    moving = {name: (m.moving_average if isinstance(m, MinMax) else None) for name, m in methods.items()}
-    minmax = {name: MinMaxObserver(moving[name]) for name in tensors}
+    minmax = {
+        name: MinMaxObserver(m.moving_average if isinstance(m, MinMax) else None)
+        for name, m in methods.items()
+    }
     hists = {
         name: histogram.HistogramObserver() for name, m in methods.items() if not isinstance(m, MinMax)
     }

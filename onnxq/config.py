@@ -147,7 +147,6 @@ class SmoothQuant:
             raise ConfigError("SmoothQuant(alpha=None) needs at least one candidate in alphas")
         if self.min_outlier_ratio < 1.0:
             raise ConfigError("SmoothQuant(min_outlier_ratio=r) needs r >= 1")
-HISTOGRAM_METHODS = (Percentile, Entropy, MSE)
 
 
 @dataclass(frozen=True)
@@ -289,7 +288,7 @@ _CALIBRATIONS: dict[str, type] = {c.__name__: c for c in (MinMax, Percentile, En
 
 
 def _check_calibration(value: object) -> None:
-    if not isinstance(value, MinMax | Percentile | Entropy | MSE):
+    if not isinstance(value, tuple(_CALIBRATIONS.values())):
         raise ConfigError(
             f"calibration must be one of {', '.join(f'{n}()' for n in _CALIBRATIONS)}, not {value!r}"
         )

@@ -33,9 +33,8 @@ _MIN_SCALE = 1e-5
 
 @dataclass
 class Candidate:
-    """An activation that could be smoothed, with the MatMuls and weights that read it."""
+    """The MatMuls that read an activation that could be smoothed, and their weights."""
 
-    tensor: str
     nodes: list[ir.Node]
     weights: list[ir.Value]
 
@@ -67,8 +66,13 @@ def find_candidates(model: ir.Model, plan: QuantPlan) -> dict[str, Candidate]:
             for w in weights
         )
         if ok:
-            out[name] = Candidate(name, users, list(dict.fromkeys(weights)))  # type: ignore[arg-type]
+            out[name] = Candidate(users, list(dict.fromkeys(weights)))  # type: ignore[arg-type]
     return out
+
+
+def smoothed_range(stats: ChannelStats, s: np.ndarray) -> tuple[float, float]:
+    """The exact MinMax range of ``X / s`` from ``X``'s per-channel extremes."""
+    return float(np.min(stats.min / s)), float(np.max(stats.max / s))
 
 
 def _expected_error(
@@ -81,9 +85,8 @@ def _expected_error(
 ) -> float:
     """Expected squared output error (summed over output columns) of quantized ``(X/s) @ (diag(s) W)``."""
     qtype, symmetric = act
-    lo = min(0.0, float(np.min(stats.min / s)))
-    hi = max(0.0, float(np.max(stats.max / s)))
-    scale, _ = scale_zero_point(lo, hi, qtype, symmetric)
+    lo, hi = smoothed_range(stats, s)
+    scale, _ = scale_zero_point(lo, hi, qtype, symmetric)  # widens the range to include 0
     act_noise = float(scale) ** 2 / 12.0 * float(np.dot(s**2, sq_w))
     scaled = abs_w * s[:, None]
     col_max = scaled.max(axis=0) if per_channel else np.full(abs_w.shape[1], scaled.max())
@@ -168,7 +171,6 @@ class SmoothActivations(ir.passes.InPlacePass):
             tensor = self.plan.activations.pop(name)
             tensor.name = new
             self.plan.activations[new] = tensor
-            st = self.stats[name]
-            self.ranges[new] = (float(np.min(st.min / s)), float(np.max(st.max / s)))
+            self.ranges[new] = smoothed_range(self.stats[name], s)
             log.info("smoothed %s (alpha %.2f, max factor %.3g)", name, alpha, float(s.max()))
         return ir.passes.PassResult(model, True)
