@@ -1,7 +1,8 @@
 """onnxq: quantize ONNX models by rewriting their graphs, fast on the target by default.
 
-``onnxq.export`` is the export function, which shadows the submodule of the same name (that stays in
-``sys.modules["onnxq.export"]``); torch, transformers and optimum are imported only when it is called.
+``onnxq.export``, ``onnxq.validate`` and ``onnxq.diff`` are functions that shadow the submodules of
+the same names (those stay in ``sys.modules``); torch, transformers and optimum are imported only when
+``export`` is called.
 """
 
 from onnxq.config import (
@@ -15,6 +16,7 @@ from onnxq.config import (
     QuantSpec,
     SmoothQuant,
 )
+from onnxq.diff import DiffReport, diff
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
@@ -28,6 +30,7 @@ from onnxq.errors import (
 from onnxq.export import export
 from onnxq.pipeline import quantize
 from onnxq.result import QuantizationResult, QuantizationSummary
+from onnxq.validate import Tolerances, ValidationReport, validate
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,7 @@ __all__ = [
     "MSE",
     "CalibrationDataError",
     "ConfigError",
+    "DiffReport",
     "Entropy",
     "ExportError",
     "MinMax",
@@ -51,7 +55,11 @@ __all__ = [
     "QuantizationResult",
     "QuantizationSummary",
     "SmoothQuant",
+    "Tolerances",
+    "ValidationReport",
     "__version__",
+    "diff",
     "export",
     "quantize",
+    "validate",
 ]

@@ -1,6 +1,7 @@
-"""The ``onnxq`` command line: ``quantize``, ``inspect`` and ``export``.
+"""The ``onnxq`` command line: ``quantize``, ``inspect``, ``export``, ``validate`` and ``diff``.
 
-Errors a user can cause print one line (``onnxq: error: ...``) and exit with code 2.
+Errors a user can cause print one line (``onnxq: error: ...``) and exit with code 2; ``validate``
+exits with 1 when a candidate breaks a tolerance (or fails to run on a requested provider).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 
 from onnxq import __version__
-from onnxq.config import MSE, Entropy, MinMax, Percentile, PerTensor, QuantConfig
+from onnxq.config import MSE, TARGETS, Entropy, MinMax, Percentile, PerTensor, QuantConfig
 from onnxq.errors import OnnxqError
 
 METHODS = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE}
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("-o", "--output", help="output .onnx (default: <model>.quant.onnx beside the input)")
     q.add_argument("--config", help="a QuantConfig as JSON file")
+    q.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="runtime preset: cpu (ORT CPU EP, default), qnn (Qualcomm HTP: every op in QDQ, 16-bit "
+        "activations, static shapes), tensorrt, openvino",
+    )
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
     q.add_argument(
         "--exclude",
@@ -79,12 +86,63 @@ def _parser() -> argparse.ArgumentParser:
     past.add_argument(
         "--no-past", dest="with_past", action="store_false", help="export a decoder without KV cache"
     )
+
+    v = sub.add_parser(
+        "validate",
+        help="compare quantized models with their fp32 reference on execution providers",
+        description="Run REF and every CAND on each provider with the same inputs; print a table and "
+        "exit 1 when a candidate breaks a tolerance.",
+    )
+    v.add_argument("reference", help="the fp32 model (.onnx or a folder holding one)")
+    v.add_argument("candidates", nargs="+", help="quantized models to check")
+    v.add_argument(
+        "--data", required=True, help="inputs: .npz (first axis = samples) or a folder of .npy/.npz"
+    )
+    v.add_argument(
+        "--providers",
+        default="cpu",
+        help="comma-separated: cpu, cpu-unfused, reference, qnn-htp, openvino, cuda, tensorrt (default cpu)",
+    )
+    v.add_argument("--num-samples", type=int, default=16, help="inputs to use (default 16)")
+    v.add_argument("--min-cosine", type=float, default=0.99, help="per-output cosine floor (default 0.99)")
+    v.add_argument("--min-sqnr", type=float, help="per-output SQNR floor in dB")
+    v.add_argument("--max-abs-error", type=float, help="per-output max abs error ceiling")
+    v.add_argument("--min-top1", type=float, help="top-1 agreement floor on logits outputs (0..1)")
+    v.add_argument("--no-latency", action="store_true", help="skip the latency blocks")
+    _report_arguments(v)
+
+    d = sub.add_parser(
+        "diff",
+        help="per-layer error localisation between an fp32 model and its quantized version",
+        description="FP32 QUANT: rank the layers of QUANT by the error they add and name the first "
+        "jump. With --providers a,b and one model: the same model on two providers.",
+    )
+    d.add_argument(
+        "models", nargs="+", metavar="MODEL", help="FP32.onnx QUANT.onnx, or one model with --providers"
+    )
+    d.add_argument(
+        "--data", required=True, help="inputs: .npz (first axis = samples) or a folder of .npy/.npz"
+    )
+    d.add_argument("--provider", default="cpu", help="provider both models run on (default cpu)")
+    d.add_argument("--providers", help="two providers a,b: run the reference on a and the candidate on b")
+    d.add_argument("--num-samples", type=int, default=16, help="inputs to use (default 16)")
+    d.add_argument("--threshold", type=float, default=6.0, help="added error in dB that counts as a jump")
+    _report_arguments(d)
     return parser
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
+    p.add_argument("--md", metavar="PATH", help="also write the Markdown report to a file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
     config = QuantConfig.from_json(args.config) if getattr(args, "config", None) else QuantConfig()
     changes = {}
+    if getattr(args, "target", None) and args.target != config.target:
+        config = config.with_changes(target=args.target)
     if getattr(args, "per_tensor", False):
         w = config.weights
         changes["weights"] = type(w)(w.dtype, w.symmetric, PerTensor())
@@ -156,6 +214,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_reports(doc: dict, args: argparse.Namespace) -> None:
+    from onnxq.report import write_report
+
+    for path in (args.json, args.html, args.md):
+        if path:
+            write_report(doc, path)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from onnxq.validate import Tolerances, validate
+
+    tolerances = Tolerances(args.min_cosine, args.min_sqnr, args.max_abs_error, args.min_top1)
+    report = validate(
+        args.reference,
+        args.candidates,
+        args.data,
+        providers=args.providers,
+        tolerances=tolerances,
+        num_samples=args.num_samples,
+        timed=not args.no_latency,
+        progress=not args.quiet,
+    )
+    doc = report.to_dict()
+    _write_reports(doc, args)
+    print(report.to_markdown())
+    return 0 if report.passed else 1
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from onnxq.diff import diff
+    from onnxq.errors import ConfigError
+    from onnxq.providers import parse_providers
+
+    if args.providers:
+        providers = parse_providers(args.providers)
+        if len(providers) != 2:
+            raise ConfigError("--providers takes exactly two providers, e.g. --providers cpu,qnn-htp")
+    else:
+        providers = parse_providers(args.provider) * 2
+    if len(args.models) == 1 and args.providers:
+        reference, candidate = args.models[0], None
+    elif len(args.models) == 2:
+        reference, candidate = args.models
+    else:
+        raise ConfigError("give FP32.onnx QUANT.onnx, or one model with --providers a,b")
+    report = diff(
+        reference,
+        candidate,
+        args.data,
+        providers=tuple(providers),
+        num_samples=args.num_samples,
+        threshold_db=args.threshold,
+        progress=not args.quiet,
+    )
+    _write_reports(report.to_dict(), args)
+    print(report.to_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
@@ -170,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_quantize(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "validate":
+            return _cmd_validate(args)
+        if args.command == "diff":
+            return _cmd_diff(args)
         return _cmd_inspect(args)
     except OnnxqError as exc:
         print(f"onnxq: error: {exc}", file=sys.stderr)

@@ -1,14 +1,17 @@
 """``onnxq.quantize``: the whole static pipeline, one readable list of passes.
 
 prepare (opset, constant folding, Constant → initializer, BatchNorm folding, Identity removal,
-shape inference) → plan → calibration (MinMax or a histogram method) → rewrite (QDQ insertion,
-weight pre-quantization, int32 bias, clean-up) → check → save → fidelity.
+shape inference; for targets that need them, static input shapes and finite mask sentinels) → plan
+→ calibration (MinMax or a histogram method) → rewrite (QDQ insertion, weight pre-quantization,
+int32 bias, clean-up) → check → save → fidelity. ``config.target``'s rules (``onnxq.plan.RULES``)
+say which of the optional steps run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +31,27 @@ from onnxq import metrics
 from onnxq.calibrate import calibrate, make_session, session_options
 from onnxq.config import QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
-from onnxq.errors import ConfigError, ModelLoadError, OnnxqError, OutputError, QuantizationError
+from onnxq.errors import (
+    CalibrationDataError,
+    ConfigError,
+    ModelLoadError,
+    OnnxqError,
+    OutputError,
+    QuantizationError,
+)
 from onnxq.model_io import load_model, model_in_folder, save_model
 from onnxq.passes.cleanup import Cleanup
+from onnxq.passes.finite_mask import FiniteMaskSentinels
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
+from onnxq.passes.fuse_gelu import FuseGelu
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
 from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
+from onnxq.passes.static_shapes import FixInputShapes, RefreshShapes
 from onnxq.passes.upgrade_opset import MIN_OPSET, OPSET_16BIT, UpgradeOpset
-from onnxq.plan import QUANTIZED_OPS, Planner, QuantPlan
+from onnxq.plan import QUANTIZED_OPS, RULES, Planner, QuantPlan, TargetRules
 from onnxq.result import FloatNode, OutputFidelity, QuantizationResult, QuantizationSummary
 
 log = logging.getLogger(__name__)
@@ -47,14 +60,30 @@ log = logging.getLogger(__name__)
 FIDELITY_SAMPLES = 8
 
 
-def prepare_passes(upgrade: UpgradeOpset) -> ir.passes.PassManager:
-    """Passes that put any model into the canonical form the planner reads."""
+def prepare_passes(
+    upgrade: UpgradeOpset,
+    static_shapes: FixInputShapes | None = None,
+    finite_mask: FiniteMaskSentinels | None = None,
+    fuse_gelu: FuseGelu | None = None,
+) -> ir.passes.PassManager:
+    """Passes that put any model into the canonical form the planner reads. With ``static_shapes``,
+    input dimensions are fixed first and shapes inferred before folding, so shape arithmetic
+    (Shape → Gather → Concat → Reshape chains) folds into constants; ``finite_mask`` then makes
+    mask sentinels finite and ``fuse_gelu`` turns erf-GELU into ``Gelu``."""
+    fold = [
+        LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+        FoldConstants(),
+        LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+    ]
+    if static_shapes is not None:  # each round folds the shape arithmetic the previous one exposed
+        again = [RefreshShapes(), ShapeInferencePass(), *fold[1:]]
+        fold = [static_shapes, ShapeInferencePass(), *fold, *again, *again]
     return ir.passes.PassManager(
         [
             upgrade,
-            LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
-            FoldConstants(),
-            LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+            *fold,
+            *([finite_mask] if finite_mask is not None else []),
+            *([fuse_gelu] if fuse_gelu is not None else []),
             FoldBatchNorm(),
             IdentityEliminationPass(),
             RemoveUnusedNodesPass(),
@@ -65,12 +94,36 @@ def prepare_passes(upgrade: UpgradeOpset) -> ir.passes.PassManager:
 
 
 def rewrite_passes(
-    plan: QuantPlan, ranges: dict[str, tuple[float, float]], smoothing: SmoothActivations | None = None
+    plan: QuantPlan,
+    ranges: dict[str, tuple[float, float]],
+    smoothing: SmoothActivations | None = None,
+    rules: TargetRules = RULES["cpu"],
 ) -> ir.passes.PassManager:
-    """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth)."""
-    passes = [smoothing] if smoothing is not None else []
-    passes += [InsertQDQ(plan, ranges), PrequantizeWeights(), QuantizeBias(), Cleanup()]
+    """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth), as
+    the target's ``rules`` say (int32 biases or not, pairs around data movement kept or not)."""
+    passes: list[ir.passes.PassBase] = [smoothing] if smoothing is not None else []
+    passes.append(InsertQDQ(plan, ranges))
+    passes.append(PrequantizeWeights())
+    if rules.quantize_bias:
+        ops = ("Conv", "Gemm", "LayerNormalization") if rules.every_op else ("Conv", "Gemm")
+        passes.append(QuantizeBias(ops))
+    passes.append(Cleanup(drop_data_movement=rules.drop_data_movement_pairs))
     return ir.passes.PassManager(passes)
+
+
+def _same_shapes(first: Sample, samples: Iterator[Sample], target: str) -> Iterator[Sample]:
+    """The samples, each checked to have the first one's shapes (the model's inputs were fixed to
+    them for a static-shape target)."""
+    for i, sample in enumerate(samples):
+        for name, array in sample.items():
+            if name in first and array.shape != first[name].shape:
+                raise CalibrationDataError(
+                    f"calibration sample {i}: {name} has shape {list(array.shape)}, but target "
+                    f"{target!r} compiles static shapes, fixed from the first sample "
+                    f"({list(first[name].shape)}); give samples of one shape (for texts: "
+                    "from_texts(..., padding='max_length'))"
+                )
+        yield sample
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -88,27 +141,57 @@ def _reject_quantized(model: ir.Model) -> None:
 
 
 def required_opset(config: QuantConfig) -> int:
-    """The lowest default-domain opset the config's QDQ needs (21 for 16-bit types, else 13)."""
+    """The lowest default-domain opset the config's QDQ needs (21 for 16-bit types, else 13, or
+    the target's own minimum if higher)."""
     specs = [config.activations, config.weights, *(s for s in config.overrides.values() if s is not None)]
-    return OPSET_16BIT if any(s.dtype in ("uint16", "int16") for s in specs) else MIN_OPSET
+    needed = OPSET_16BIT if any(s.dtype in ("uint16", "int16") for s in specs) else MIN_OPSET
+    return max(needed, RULES[config.target].min_opset)
 
 
 def prepare(model: Any, config: QuantConfig | None = None) -> tuple[ir.Model, UpgradeOpset]:
     """Load ``model`` and run the prepare passes (the input itself is never modified)."""
     ir_model = load_model(model)
-    return ir_model, prepare_model(ir_model, required_opset(config or QuantConfig()))
+    config = config or QuantConfig()
+    return ir_model, prepare_model(ir_model, required_opset(config), RULES[config.target])
 
 
-def prepare_model(ir_model: ir.Model, min_opset: int = MIN_OPSET) -> UpgradeOpset:
-    """Run the prepare passes on a loaded model in place; returns the opset pass (what it upgraded)."""
+def prepare_model(
+    ir_model: ir.Model,
+    min_opset: int = MIN_OPSET,
+    rules: TargetRules | None = None,
+    sample: Sample | None = None,
+    notes: list[str] | None = None,
+) -> UpgradeOpset:
+    """Run the prepare passes on a loaded model in place; returns the opset pass (what it upgraded).
+
+    ``rules``: the target's; with ``static_shapes`` and a ``sample``, symbolic input dimensions are
+    fixed to the sample's shapes. What the target-specific passes changed is appended to ``notes``.
+    """
     _reject_quantized(ir_model)
     upgrade = UpgradeOpset(min_opset)
+    rules = rules or RULES["cpu"]
+    static = FixInputShapes(sample) if rules.static_shapes and sample is not None else None
+    mask = FiniteMaskSentinels(rules.finite_mask) if rules.finite_mask is not None else None
+    gelu = FuseGelu() if rules.fuse_gelu else None
     try:
-        prepare_passes(upgrade)(ir_model)
+        prepare_passes(upgrade, static, mask, gelu)(ir_model)
     except OnnxqError:
         raise
     except Exception as exc:
         raise QuantizationError(f"could not prepare the model for quantization: {_root_cause(exc)}") from exc
+    if notes is not None and static is not None and static.fixed:
+        shapes = ", ".join(f"{k} {list(v)}" for k, v in static.fixed.items())
+        notes.append(
+            f"static shapes (the target compiles fixed shapes only): inputs fixed to the first "
+            f"calibration sample's shapes: {shapes}"
+        )
+    if notes is not None and mask is not None and mask.replaced:
+        notes.append(
+            f"mask sentinels (|v| >= 1e9, e.g. float32.min) replaced by ±{mask.value:g} so the mask "
+            f"path can be quantized: {', '.join(mask.replaced)}"
+        )
+    if notes is not None and gelu is not None and gelu.fused:
+        notes.append(f"{gelu.fused} erf-GELU subgraphs fused into Gelu (the target has no Erf)")
     return upgrade
 
 
@@ -212,9 +295,13 @@ def quantize(
     if output_path is not None and not output_path.parent.is_dir():
         raise OutputError(f"output folder {output_path.parent} does not exist; create it first")
     ir_model = load_model(model)
-    _, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
+    first, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
     size_before = _size_of(model, ir_model)
-    upgrade = prepare_model(ir_model, required_opset(config))
+    rules = RULES[config.target]
+    notes: list[str] = []
+    upgrade = prepare_model(ir_model, required_opset(config), rules, first, notes)
+    if rules.static_shapes:
+        samples = _same_shapes(first, samples, config.target)
 
     plan = make_plan(ir_model, config)
     candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
@@ -235,7 +322,7 @@ def quantize(
     )
     smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
     try:
-        rewrite_passes(plan, calibration.ranges, smoothing)(ir_model)
+        rewrite_passes(plan, calibration.ranges, smoothing, rules)(ir_model)
     except OnnxqError:
         raise
     except Exception as exc:
@@ -262,6 +349,7 @@ def quantize(
         fidelity_samples=len(calibration.kept_inputs),
         opset_upgraded_from=upgrade.upgraded_from,
         smoothed={name: alpha for name, (_, alpha) in scales.items()},
+        notes=tuple(notes),
     )
     log.info("quantized %d nodes", sum(summary.quantized_nodes.values()))
     return QuantizationResult(output_path, ir_model, summary)

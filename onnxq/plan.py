@@ -2,8 +2,11 @@
 
 The plan is decided before any rewrite, from the graph and the config alone, so it can be inspected
 (``onnxq inspect --plan``). Calibration then measures only the tensors the plan needs, and the
-rewrite passes apply it. Placement follows ONNX Runtime's CPU fusion rules so that every quantized
-node becomes an integer kernel:
+rewrite passes apply it. Where QDQ goes depends on the runtime: ``config.target`` picks one of the
+:class:`TargetRules` in :data:`RULES` (their docstrings say what each guarantees and why).
+
+For ``"cpu"`` (the default), placement follows ONNX Runtime's CPU fusion rules so that every
+quantized node becomes an integer kernel:
 
 - MatMul / Gemm / Conv / ConvTranspose read their float inputs through DequantizeLinear, weights as
   int8 per output channel. MatMul and Gemm outputs stay float (``MatMulIntegerToFloat``/``QGemm``
@@ -16,6 +19,10 @@ node becomes an integer kernel:
   float: 8-bit steps over positions 0..n would break them.
 - Data-movement ops (Reshape, Transpose, MaxPool, Gather, ...) on a quantized tensor pass it
   through with the same scale, so they run on the integers. An embedding Gather reads an int8 table.
+
+``"tensorrt"`` and ``"openvino"`` put QDQ on the inputs of MatMul/Gemm/Conv/ConvTranspose only
+(their compilers fuse the rest themselves); ``"qnn"`` quantizes every op, model inputs and outputs
+included, because anything HTP sees in float falls back to the CPU.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ QUANTIZED_OPS = {
     "DynamicQuantizeMatMul",
 }
 
+# Float inputs that are parameters, not data: never quantized, even by targets that quantize every op.
+PARAMETER_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
+
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 # Activations whose calibrated range reaches this magnitude hold sentinels (e.g. attention masks of
@@ -81,23 +91,113 @@ FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 SENTINEL_MAGNITUDE = 1e9
 
 
+@dataclass(frozen=True)
+class TargetRules:
+    """Where one runtime wants QuantizeLinear/DequantizeLinear, and what the rewrite must do for it.
+
+    - ``every_op``: every float input of every op is read through DequantizeLinear and every float
+      output (model outputs included) goes through QuantizeLinear→DequantizeLinear; constants that
+      are not weights or biases get the activation type with their own range. Otherwise only the
+      rules below place QDQ.
+    - ``output_quantized``: compute ops whose output is quantized too (fused requantization).
+    - ``islands``: ops quantized where all their inputs already are (extending integer regions).
+    - ``data_movement``: data-movement ops pass quantized tensors through (same scale), and an
+      embedding Gather reads an integer table.
+    - ``drop_data_movement_pairs``: the clean-up removes DQ→op→Q pairs around data movement.
+    - ``quantize_bias``: Conv/Gemm (and, with ``every_op``, LayerNormalization) biases become int32.
+    - ``per_tensor_weights``: ops whose weights are quantized per tensor whatever the config says.
+    - ``static_shapes``: symbolic input dimensions are fixed from the first calibration sample and
+      shape computations are folded into constants.
+    - ``finite_mask``: sentinel constants (``|v| >= SENTINEL_MAGNITUDE``, e.g. attention masks'
+      float32.min) are replaced by ``±finite_mask`` before calibration, so they can be quantized.
+    - ``fixed_outputs``: ``(op type, dtype) → (scale, zero point)`` the runtime requires.
+    - ``fuse_gelu``: erf-GELU subgraphs become one ``Gelu`` op (the runtime has no ``Erf``).
+    - ``min_opset``: the lowest default-domain opset the target's rewrite needs.
+    """
+
+    every_op: bool = False
+    output_quantized: frozenset[str] = frozenset()
+    islands: frozenset[str] = frozenset()
+    data_movement: bool = False
+    drop_data_movement_pairs: bool = False
+    quantize_bias: bool = True
+    per_tensor_weights: frozenset[str] = frozenset()
+    static_shapes: bool = False
+    finite_mask: float | None = None
+    fixed_outputs: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
+    fuse_gelu: bool = False
+    min_opset: int = 13
+
+
+CPU_RULES = TargetRules(
+    output_quantized=frozenset({"Conv"}),
+    islands=frozenset(ISLAND_OPS),
+    data_movement=True,
+    drop_data_movement_pairs=True,
+)
+"""ONNX Runtime's CPU EP: QDQ exactly where its graph transformer fuses integer kernels (see the
+module docstring); pairs around data movement are removed, so any runtime runs those on integers."""
+
+QNN_RULES = TargetRules(
+    every_op=True,
+    static_shapes=True,
+    finite_mask=1e4,
+    fuse_gelu=True,
+    min_opset=21,
+    fixed_outputs={
+        ("Sigmoid", "uint16"): (1.0 / 65536.0, 0),
+        ("Sigmoid", "int16"): (1.0 / 32768.0, 0),
+        ("Tanh", "uint16"): (1.0 / 32768.0, 32768),
+        ("Tanh", "int16"): (1.0 / 32768.0, 0),
+    },
+)
+"""Qualcomm HTP through ORT's QNN EP. HTP runs only quantized ops: every float tensor an op reads
+or writes is in QDQ form, model inputs and outputs included (an op left in float, or a data-movement
+op whose pair was cleaned up, falls back to the CPU). HTP compiles static shapes only, so symbolic
+input dimensions are fixed from the first calibration sample and shape arithmetic is folded away.
+Attention masks' float32.min sentinels become -1e4 (finite, still masking: exp(-1e4) is 0), so the
+mask and the Add/Softmax reading it can be quantized. 16-bit Sigmoid/Tanh get the fixed output
+scales HTP requires. ORT's QNN EP has no Erf: erf-GELU becomes ONNX Gelu (opset 20; opset 21 is
+used, which also carries 16-bit QDQ). HTP's LayerNorm rejects a signed gamma next to an int32 bias,
+so LayerNorm gammas are unsigned asymmetric 8-bit (the weight type's unsigned twin)."""
+
+TENSORRT_RULES = TargetRules(quantize_bias=False)
+"""TensorRT's explicit quantization: QDQ on the inputs of Conv/ConvTranspose/MatMul/Gemm only (its
+builder propagates the quantization through the rest and fuses the output scales itself), biases
+stay float (TensorRT folds them into its int32 accumulation; it has no int32 DequantizeLinear)."""
+
+OPENVINO_RULES = TargetRules(quantize_bias=False)
+"""OpenVINO's low-precision transformations: like NNCF's default placement, QDQ on the inputs of
+Conv/ConvTranspose/MatMul/Gemm (OpenVINO propagates the precision through data movement itself, and
+quantizing residual Adds costs transformers accuracy for little speed); biases stay float."""
+
+RULES: dict[str, TargetRules] = {
+    "cpu": CPU_RULES,
+    "qnn": QNN_RULES,
+    "tensorrt": TENSORRT_RULES,
+    "openvino": OPENVINO_RULES,
+}
+
+
 @dataclass
 class TensorPlan:
     """How one tensor is quantized.
 
     ``kind``: ``activation`` (range from calibration), ``weight`` (range from the constant itself),
-    ``inherit`` (same scale and zero point as ``source``: the output of a data-movement op).
+    ``inherit`` (same scale and zero point as ``source``: the output of a data-movement op),
+    ``fixed`` (the scale and zero point in ``fixed``, which the runtime requires).
     ``consumers``: the (node name, input index) uses that read it through DequantizeLinear;
     ``exclusive``: every use does (the producer then feeds only the QuantizeLinear).
     """
 
     name: str
     spec: QuantSpec
-    kind: Literal["activation", "weight", "inherit"]
+    kind: Literal["activation", "weight", "inherit", "fixed"]
     axis: int | None = None
     source: str | None = None
     exclusive: bool = False
     consumers: list[tuple[str, int]] = field(default_factory=list)
+    fixed: tuple[float, int] | None = None
 
 
 @dataclass
@@ -203,6 +303,11 @@ def from_integers(value: ir.Value | None) -> bool:
     return False
 
 
+def _unsigned(dtype: str) -> str:
+    """The unsigned type of the same width (``int8`` → ``uint8``)."""
+    return dtype if dtype.startswith("u") else "u" + dtype
+
+
 def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 
@@ -216,6 +321,7 @@ class Planner:
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+        self.rules = RULES[config.target]
 
     def _excluded(self, node: ir.Node) -> str | None:
         cfg = self.config
@@ -244,14 +350,23 @@ class Planner:
                 continue
             if op in QUANTIZED_OPS:
                 continue
-            handled = op in COMPUTE_OPS or op in ISLAND_OPS or op in DATA_MOVEMENT_OPS
+            if self.rules.every_op:
+                reason = self._excluded(node)
+                if reason is None:
+                    reason = self._plan_every_op(plan, node)
+                plan.nodes[name] = NodePlan(name, op, reason is None, reason or "")
+                continue
+            rules = self.rules
+            handled = (
+                op in COMPUTE_OPS or op in rules.islands or (rules.data_movement and op in DATA_MOVEMENT_OPS)
+            )
             if not handled:
                 plan.nodes[name] = NodePlan(name, op, False, "")
                 continue
             reason = self._excluded(node)
             if reason is None and op in COMPUTE_OPS:
                 reason = self._plan_compute(plan, node, exclusive)
-            elif reason is None and op in ISLAND_OPS:
+            elif reason is None and op in rules.islands:
                 reason = self._plan_island(plan, node, exclusive)
             elif reason is None:
                 reason = self._plan_data_movement(plan, node, exclusive)
@@ -283,6 +398,11 @@ class Planner:
             tensor = plan.weights[key] = TensorPlan(value.name, spec, "weight", axis=axis)
         tensor.consumers.append((node.name or "", index))
 
+    def _weight_spec(self, node: ir.Node, spec: QuantSpec) -> QuantSpec:
+        if node.op_type in self.rules.per_tensor_weights and not isinstance(spec.granularity, PerTensor):
+            return QuantSpec(spec.dtype, spec.symmetric, PerTensor(), spec.calibration)
+        return spec
+
     def _plan_compute(self, plan: QuantPlan, node: ir.Node, exclusive: set[str]) -> str | None:
         inputs = node.inputs
         if len(inputs) < 2 or not all(_is_float(v) for v in inputs[:2]):
@@ -304,7 +424,7 @@ class Planner:
             if self._act_spec(weight.name) is None:
                 return f"input {weight.name} kept float by override"
         out = node.outputs[0]
-        if node.op_type in OUTPUT_QUANTIZED_OPS and _is_float(out):
+        if node.op_type in self.rules.output_quantized and _is_float(out):
             target = out
             users = out.consumers()
             if (
@@ -322,7 +442,7 @@ class Planner:
         if w_const is None:
             self._add_activation(plan, weight, node, 1)
         else:
-            self._add_weight(plan, weight, node, 1, w_spec)
+            self._add_weight(plan, weight, node, 1, self._weight_spec(node, w_spec))
         if target is not None:
             t = plan.activations.setdefault(
                 target.name,
@@ -379,4 +499,85 @@ class Planner:
         )
         t.exclusive = True
         exclusive.add(out.name)
+        return None
+
+    # --- every op (QNN-HTP) ----------------------------------------------------------------------
+    def _constant_spec(self, node: ir.Node, index: int, value: ir.Value) -> tuple[QuantSpec | None, str]:
+        """How a float constant input of ``node`` is quantized under ``every_op``: ``("weight", spec)``
+        for weights, ``("bias", None)`` for biases left to QuantizeBias, the activation type with the
+        constant's own range otherwise."""
+        cfg = self.config
+        op = node.op_type
+        override = cfg.overrides.get(value.name, cfg.weights)
+        if op in COMPUTE_OPS and index == 1:
+            return (None if override is None else self._weight_spec(node, override)), "weight"
+        if op in ("Conv", "Gemm", "ConvTranspose", "LayerNormalization") and index == 2:
+            return None, "bias"
+        if op == "LayerNormalization" and index == 1:
+            if override is None:
+                return None, "weight"
+            if value.name in cfg.overrides:
+                return QuantSpec(override.dtype, override.symmetric, PerTensor()), "weight"
+            return QuantSpec(_unsigned(override.dtype), False, PerTensor()), "weight"
+        spec = cfg.overrides.get(value.name, cfg.activations)
+        if spec is None:
+            return None, "constant"
+        return QuantSpec(spec.dtype, spec.symmetric, PerTensor()), "constant"
+
+    def _plan_every_op(self, plan: QuantPlan, node: ir.Node) -> str | None:
+        """Every float input through DQ, every float output through Q→DQ (see ``TargetRules``)."""
+        skip = PARAMETER_INPUTS.get(node.op_type, set())
+        inputs = [(i, v) for i, v in enumerate(node.inputs) if _is_float(v) and i not in skip]
+        outputs = [v for v in node.outputs if _is_float(v)]
+        if not inputs and not outputs:
+            return ""
+        op = node.op_type
+        constants: list[tuple[int, ir.Value, QuantSpec]] = []
+        for index, value in inputs:
+            if _constant(value) is not None:
+                spec, role = self._constant_spec(node, index, value)
+                if spec is None and role != "bias":
+                    return f"{role} {value.name} kept float by override"
+                if spec is not None:
+                    constants.append((index, value, spec))
+            elif self._act_spec(value.name) is None:
+                return f"input {value.name} kept float by override"
+        for value in outputs:
+            if self._act_spec(value.name) is None:
+                return f"output {value.name} kept float by override"
+        for index, value, spec in constants:
+            self._add_weight(plan, value, node, index, spec)
+        source: str | None = None
+        if op in DATA_MOVEMENT_OPS and len(outputs) == 1 and inputs and inputs[0][0] == 0:
+            data = inputs[0][1]
+            const = _constant(data)
+            if const is not None:
+                spec, _ = self._constant_spec(node, 0, data)
+                source = f"{data.name}|None|{spec.dtype}|{spec.symmetric}"  # type: ignore[union-attr]
+            else:
+                source = data.name
+        for index, value in inputs:
+            if _constant(value) is None:
+                tensor = plan.activations.get(value.name)
+                if tensor is None:
+                    spec = self._act_spec(value.name)
+                    assert spec is not None
+                    tensor = plan.activations[value.name] = TensorPlan(value.name, spec, "activation")
+                tensor.exclusive = True
+                tensor.consumers.append((node.name or "", index))
+        for value in outputs:
+            spec = self._act_spec(value.name)
+            assert spec is not None
+            fixed = self.rules.fixed_outputs.get((op, spec.dtype))
+            if value.name in plan.activations:
+                continue
+            if fixed is not None:
+                tensor = TensorPlan(value.name, spec, "fixed", fixed=fixed)
+            elif source is not None:
+                source_spec = plan.activations[source].spec if source in plan.activations else spec
+                tensor = TensorPlan(value.name, source_spec, "inherit", source=source)
+            else:
+                tensor = TensorPlan(value.name, spec, "activation")
+            tensor.exclusive = True
+            plan.activations[value.name] = tensor
         return None

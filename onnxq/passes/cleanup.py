@@ -68,10 +68,14 @@ class DropQDQAroundDataMovement(ir.passes.InPlacePass):
 
 
 class Cleanup(ir.passes.InPlacePass):
-    """Drop QDQ pairs around data movement, remove unused nodes and values, sort the graph."""
+    """Drop QDQ pairs around data movement (unless ``drop_data_movement=False``: runtimes such as
+    QNN-HTP need every op in QDQ form), remove unused nodes and values, sort the graph."""
+
+    def __init__(self, drop_data_movement: bool = True) -> None:
+        super().__init__()
+        self.drop_data_movement = drop_data_movement
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = ir.passes.PassManager(
-            [DropQDQAroundDataMovement(), RemoveUnusedNodesPass(), TopologicalSortPass()]
-        )(model)
+        passes = [DropQDQAroundDataMovement()] if self.drop_data_movement else []
+        result = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])(model)
         return ir.passes.PassResult(model, result.modified)

@@ -6,7 +6,9 @@ exclusive tensor has all its uses rewired, so its producer feeds only the Q. Sca
 are explicit constant initializers (scalars per tensor, 1-D per channel). Weights get a Q on the
 float initializer here; ``PrequantizeWeights`` then folds it into an integer initializer.
 Activations without a usable calibrated range (never reached, non-finite or sentinel-sized) are
-dropped from the plan and stay float, with the reason recorded.
+dropped from the plan and stay float, with the reason recorded. A planned exclusive tensor that is
+a model output (targets that quantize every op) keeps its name on the final DequantizeLinear's
+output, so the model's interface is unchanged.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class InsertQDQ(ir.passes.InPlacePass):
                 lo, hi = self.ranges[name]
                 scale, zp = scale_zero_point(lo, hi, int_type(tensor.spec.dtype), tensor.spec.symmetric)
                 params[name] = (scale, zp, None)
+            elif tensor.kind == "fixed" and tensor.fixed is not None:
+                qtype = int_type(tensor.spec.dtype)
+                scale, zp = tensor.fixed
+                params[name] = (np.asarray(scale, np.float32), np.asarray(zp, qtype.np_dtype), None)
         for name, tensor in self.plan.activations.items():
             if tensor.kind == "inherit":
                 params[name] = self._inherited(tensor, params)
@@ -76,9 +82,10 @@ class InsertQDQ(ir.passes.InPlacePass):
                 if tensor.exclusive
                 else [(nodes[n], i) for n, i in tensor.consumers if n in nodes]
             )
-            if not uses:
+            output = tensor.exclusive and value.is_graph_output()
+            if not uses and not output:
                 continue
-            self._insert(graph, namer, value, params[key], uses)
+            self._insert(graph, namer, value, params[key], uses, output)
             modified = True
         return ir.passes.PassResult(model, modified)
 
@@ -103,8 +110,14 @@ class InsertQDQ(ir.passes.InPlacePass):
         return scale, zp, tensor.axis
 
     @staticmethod
-    def _insert(graph: ir.Graph, namer: Namer, value: ir.Value, qparams: QParams, uses) -> None:
+    def _insert(
+        graph: ir.Graph, namer: Namer, value: ir.Value, qparams: QParams, uses, output: bool = False
+    ) -> None:
         scale, zp, axis = qparams
+        if output:  # the model output's name moves to the last DequantizeLinear's output
+            name = value.name
+            value.name = namer(f"{name}_float")
+            uses = [*uses, (None, name)]
         float_dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         base = value.name
         scale_v = add_initializer(graph, namer(f"{base}_scale"), scale.astype(float_dtype))
@@ -132,4 +145,8 @@ class InsertQDQ(ir.passes.InPlacePass):
             dq.outputs[0].dtype = value.dtype
             dq.outputs[0].shape = value.shape
             graph.insert_after(q, dq)
-            node.replace_input_with(index, dq.outputs[0])
+            if node is None:  # a model output
+                dq.outputs[0].name = index
+                graph.outputs[graph.outputs.index(value)] = dq.outputs[0]
+            else:
+                node.replace_input_with(index, dq.outputs[0])

@@ -34,7 +34,8 @@ class PrequantizeWeights(ir.passes.InPlacePass):
             axis = node.attributes.get_int("axis", 1) if scale.ndim == 1 and scale.size > 1 else None
             if axis is not None and axis < 0:
                 axis += array.ndim
-            q = quantize(array, scale, zero_point, axis)
+            flat = array.reshape(-1) if array.ndim == 0 else array  # numpy's out= needs an array, not 0-d
+            q = quantize(flat, scale, zero_point, axis).reshape(array.shape)
             del array
             release(weight)
             q_value = add_initializer(graph, namer(f"{weight.name}_quantized"), q)

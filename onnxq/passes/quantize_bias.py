@@ -1,9 +1,11 @@
 """Conv/Gemm biases stored as int32 with scale ``input_scale × weight_scale``.
 
-Guarantees: for every Conv and Gemm whose data and weight inputs come from DequantizeLinear with
-constant parameters and whose bias is a float constant, the bias becomes an int32 initializer
-(zero point 0) behind its own DequantizeLinear — the form ORT fuses into QLinearConv/QGemm, which
-take the raw int32 values as being in units of ``input_scale × weight_scale``.
+Guarantees: for every node of ``ops`` (Conv and Gemm by default; targets that quantize every op add
+LayerNormalization, whose bias scale is ``input_scale × gamma_scale``) whose data and weight inputs
+come from DequantizeLinear with constant parameters and whose bias is a float constant, the bias
+becomes an int32 initializer (zero point 0) behind its own DequantizeLinear — the form ORT fuses into
+QLinearConv/QGemm (and QNN-HTP requires), which take the raw int32 values as being in units of
+``input_scale × weight_scale``.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ def _dq_scale(value: ir.Value | None) -> np.ndarray | None:
 
 
 class QuantizeBias(ir.passes.InPlacePass):
-    """Turn float biases of quantized Conv/Gemm into int32 initializers."""
+    """Turn float biases of quantized Conv/Gemm (or ``ops``) into int32 initializers."""
+
+    def __init__(self, ops: tuple[str, ...] = ("Conv", "Gemm")) -> None:
+        super().__init__()
+        self.ops = ops
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         namer = Namer(graph)
         modified = False
         for node in list(graph):
-            if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            if node.op_type not in self.ops or len(node.inputs) < 3 or node.inputs[2] is None:
                 continue
             if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
                 continue
