@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -89,6 +90,11 @@ class Provider(abc.ABC):
 
     name: str = ""
     description: str = ""
+
+    @property
+    def emulated(self) -> str | None:
+        """Why this provider's latency means nothing here (an emulator of other hardware), or None."""
+        return None
 
     @abc.abstractmethod
     def unavailable(self, model: onnx.ModelProto | None = None) -> str | None:
@@ -267,6 +273,12 @@ class QnnHtpProvider(OrtProvider):
     description = "Qualcomm HTP (NPU) through the onnxruntime-qnn plugin (an emulator on x86)"
     ep = "QNNExecutionProvider"
     _registered = False
+
+    @property
+    def emulated(self) -> str | None:
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            return "HTP is emulated on this x86 CPU"
+        return None
 
     def _plugin(self):
         try:

@@ -25,7 +25,7 @@ _TOKENS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 # Keys whose string values are names, never numbers: a tensor called "nan" stays a string.
 _TEXT_KEYS = {"kind", "reference", "candidate", "golden_provider", "model", "path", "role", "provider",
               "status", "reason", "name", "tensor", "node", "op_type", "providers", "ranking", "failures",
-              "fallback"}
+              "fallback", "notes"}
 _COLORS = ["#3b6fd4", "#e08a1e", "#2e9e5b", "#9b59b6", "#c0392b", "#16a2b8"]
 _DASH = "—"
 Cell = str | list[str]  # a list is one value per model output
@@ -179,7 +179,10 @@ def _validation_table(doc: dict) -> tuple[list[str], list[Row]]:
         outs = [o for o in r.get("outputs") or [] if isinstance(o, dict)]
         status = _s(r.get("status"))
         ran = status == "ok"
-        notes = "; ".join(str(f) for f in r.get("failures") or []) or str(r.get("reason") or "")
+        notes = "; ".join(
+            [str(f) for f in r.get("failures") or []] + ([str(r["reason"])] if r.get("reason") else [])
+            + [str(n) for n in r.get("notes") or []]
+        )
         cells = [_s(r.get("model")), _s(r.get("role"), ""), _s(r.get("provider")),
                  status + (" (fails)" if r.get("passed") is False else "")]
         if ran:

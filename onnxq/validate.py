@@ -8,6 +8,10 @@ and its ratio to the reference model on the same provider, and placement (kernel
 nodes that fell back to the CPU, from ORT's profiling). A provider that cannot run here is reported
 as skipped with the reason; a model a provider fails on is a failed row.
 
+On a provider that is an emulator here (QNN-HTP on x86) latency is not measured and the fp32
+reference is not run (each emulated inference takes seconds); the candidates' fidelity and placement
+are what the emulator tells.
+
 Verdict: every candidate row that was asked for and could be tried must meet every tolerance; a
 candidate that fails to run on an available provider fails the verdict, a skipped provider does not
 (it is listed). The fp32 reference's own rows are informative and never fail the verdict.
@@ -342,8 +346,14 @@ def _row(
     reason = provider.unavailable(proto)
     if reason:
         return ValidationRow(**base, status="skipped", reason=reason)
+    emulated = provider.emulated
+    if emulated and role == "reference":
+        reason = f"{emulated}: the fp32 reference is not run there (its latency would mean nothing)"
+        return ValidationRow(**base, status="skipped", reason=reason)
     try:
-        run = provider.run(path, samples, timed=timed)
+        run = provider.run(path, samples, timed=timed and not emulated)
+        if emulated:
+            run.notes.append(f"{emulated}: latency not measured")
         outputs = compare_outputs(samples, golden, run.outputs)
     except ProviderError as exc:
         log.info("%s failed on %s: %s", path.name, provider.name, exc)

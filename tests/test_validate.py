@@ -190,6 +190,29 @@ def test_qnn_htp_runs_the_float_cnn_fully_on_htp(cnn):
     assert row.placement.fallback == () and set(row.placement.kernels) == {"QNNExecutionProvider"}
     assert any("static shapes" in n for n in row.notes)
     assert row.outputs[0].cosine > 0.999  # HTP runs float graphs in fp16
+    assert _rows(report, "qnn-htp")["reference"].status == "skipped"  # emulated: no fp32 reference run
+    assert row.latency_ms is None and any("emulated" in n for n in row.notes)
+
+
+@qnn
+def test_qnn_target_cnn_runs_entirely_on_htp(cnn, model_path, calib_feeds, tmp_path, capsys):
+    fp32, _, feeds, npz = cnn
+    quant = tmp_path / "cnn.qnn.onnx"
+    onnxq.quantize(
+        fp32, calib_feeds(CNN, 16), config=onnxq.QuantConfig(target="qnn"), output=quant, progress=False
+    )
+    report = validate(fp32, quant, feeds, providers="cpu,qnn-htp", progress=False)
+    row = _rows(report, "qnn-htp")["candidate"]
+    assert row.status == "ok", row.reason
+    assert row.placement.fallback == () and row.placement.kernels == {"QNNExecutionProvider": 1}
+    assert row.outputs[0].cosine > 0.995 and row.outputs[0].top1 == 1.0
+    assert report.passed
+    # The same through the CLI, with the verdict as exit code.
+    assert (
+        main(["validate", str(fp32), str(quant), "--data", str(npz), "--providers", "qnn-htp", "--quiet"])
+        == 0
+    )
+    assert "QNN 1 kernel" in capsys.readouterr().out
 
 
 openvino = pytest.mark.skipif(
