@@ -43,12 +43,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from onnxq.calibrate import (
-    release_freed_memory,
-    return_large_blocks_promptly,
-    serialize_for_ort,
-    session_options,
-)
+from onnxq import providers as registry
+from onnxq.calibrate import release_freed_memory, return_large_blocks_promptly, serialize_for_ort
 from onnxq.data import Sample, checked_samples, model_inputs
 from onnxq.errors import CalibrationDataError, ConfigError
 from onnxq.model_io import load_model
@@ -292,37 +288,25 @@ def make_provider_session(provider: str, model: bytes, folder: Path | None) -> o
     """An in-process ORT session for ``provider`` on serialized ``model`` (external weights resolved
     against ``folder``), without weight pre-packing so weights are not copied. Unknown or unusable
     providers raise :class:`ConfigError` naming the valid ones."""
-    try:
-        from onnxq import providers as registry
-    except ImportError:  # pragma: no cover - onnxq.providers is part of the package
-        registry = None
-    if registry is None or not hasattr(registry, "get_provider"):
-        so = session_options(calibration=True)
-        if provider == "cpu-unfused":
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        elif provider != "cpu":
-            raise ConfigError(f"unknown provider {provider!r} for diff; choose from cpu, cpu-unfused")
-        eps: list[str] | None = ["CPUExecutionProvider"]
-    else:
-        chosen = registry.get_provider(provider)  # ConfigError listing the valid names
-        if not isinstance(chosen, registry.OrtProvider):
-            in_process = ", ".join(
-                name
-                for name, f in registry.PROVIDERS.items()
-                if isinstance(f, type) and issubclass(f, registry.OrtProvider)
-            )
-            raise ConfigError(
-                f"provider {provider!r} does not run in this process, which diff needs; choose from "
-                f"{in_process}"
-            )
-        reason = chosen.unavailable()
-        if reason:
-            raise ConfigError(f"provider {provider!r} cannot run here: {reason}")
-        so = chosen.session_options(onnx.ModelProto.FromString(model) if provider == "qnn-htp" else None)
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
-        eps = chosen.providers() or None
+    chosen = registry.get_provider(provider)  # ConfigError listing the valid names
+    if not isinstance(chosen, registry.OrtProvider):
+        in_process = ", ".join(
+            name
+            for name, f in registry.PROVIDERS.items()
+            if isinstance(f, type) and issubclass(f, registry.OrtProvider)
+        )
+        raise ConfigError(
+            f"provider {provider!r} does not run in this process, which diff needs; choose from {in_process}"
+        )
+    reason = chosen.unavailable()
+    if reason:
+        raise ConfigError(f"provider {provider!r} cannot run here: {reason}")
+    quantized = registry.is_quantized(onnx.ModelProto.FromString(model)) if provider == "qnn-htp" else True
+    so = chosen.session_options(quantized)
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    eps = chosen.providers() or None
     if folder is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
@@ -604,6 +588,11 @@ def diff(
         cand_bytes, cand_folder = serialize_for_ort(cand)
         cand_proto = onnx.ModelProto.FromString(cand_bytes)
         del cand_bytes
+    # HTP runs static shapes only: symbolic input dimensions take the first sample's sizes.
+    if providers[0] == "qnn-htp":
+        ref_proto = registry.fix_input_shapes(ref_proto, samples[0])[0]
+    if providers[1] == "qnn-htp":
+        cand_proto = registry.fix_input_shapes(cand_proto, samples[0])[0]
     ref_types, sizes = _infer(ref_proto, samples[0])
     cand_types = ref_types if cand is ref else _infer(cand_proto, samples[0])[0]
 

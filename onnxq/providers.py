@@ -220,7 +220,7 @@ class OrtProvider(Provider):
         """An ORT session on this provider for a model file or proto (``folder``: where a proto's
         external weights lie; ``quantized``: whether it is a QDQ model, read from it when None)."""
         if quantized is None:
-            quantized = _is_quantized(
+            quantized = is_quantized(
                 model
                 if isinstance(model, onnx.ModelProto)
                 else onnx.load(str(model), load_external_data=False)
@@ -237,7 +237,7 @@ class OrtProvider(Provider):
     def run(self, model: Path, samples: Sequence[Sample], *, timed: bool = True) -> ProviderRun:
         proto = onnx.load(str(model), load_external_data=False)
         prepared, notes = self.prepare(proto, samples)
-        quantized = _is_quantized(proto)
+        quantized = is_quantized(proto)
         try:
             if prepared is proto:
                 session = self.make_session(model, profile=True, quantized=quantized)
@@ -334,7 +334,7 @@ class QnnHtpProvider(OrtProvider):
         return super().run(model, samples, timed=timed)
 
 
-def _is_quantized(model: onnx.ModelProto) -> bool:
+def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
