@@ -7,8 +7,11 @@ the same names (those stay in ``sys.modules``); torch, transformers and optimum 
 
 from onnxq.config import (
     MSE,
+    Codebook,
+    Dynamic,
     Entropy,
     MinMax,
+    PerBlock,
     Percentile,
     PerChannel,
     PerTensor,
@@ -28,6 +31,7 @@ from onnxq.errors import (
     QuantizationError,
 )
 from onnxq.export import export
+from onnxq.mixed_precision import MixedPrecision, MixedPrecisionResult, quantize_mixed
 from onnxq.pipeline import quantize
 from onnxq.result import QuantizationResult, QuantizationSummary
 from onnxq.validate import Tolerances, ValidationReport, validate
@@ -37,15 +41,20 @@ __version__ = "0.1.0"
 __all__ = [
     "MSE",
     "CalibrationDataError",
+    "Codebook",
     "ConfigError",
     "DiffReport",
+    "Dynamic",
     "Entropy",
     "ExportError",
     "MinMax",
     "MissingDependencyError",
+    "MixedPrecision",
+    "MixedPrecisionResult",
     "ModelLoadError",
     "OnnxqError",
     "OutputError",
+    "PerBlock",
     "PerChannel",
     "PerTensor",
     "Percentile",
@@ -61,5 +70,6 @@ __all__ = [
     "diff",
     "export",
     "quantize",
+    "quantize_mixed",
     "validate",
 ]

@@ -12,10 +12,23 @@ import logging
 import sys
 
 from onnxq import __version__
-from onnxq.config import MSE, TARGETS, Entropy, MinMax, Percentile, PerTensor, QuantConfig
+from onnxq.config import MSE, TARGETS, Codebook, Dynamic, Entropy, MinMax, Percentile, PerTensor, QuantConfig
 from onnxq.errors import OnnxqError
 
-METHODS = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE}
+WEIGHT_ONLY = (
+    "int8",
+    "uint8",
+    "int4",
+    "uint4",
+    "int2",
+    "uint2",
+    "float8e4m3fn",
+    "float4e2m1",
+    "nf4",
+    "log",
+    "kmeans",
+)
+METHODS = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE, "dynamic": Dynamic}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="an .onnx file, or a folder holding one")
     q.add_argument(
         "--calib",
-        required=True,
         help=".npz with one array per model input (first axis = samples), or a folder of .npy/.npz files "
-        "(one sample per .npy for a single-input model; read in file-name order)",
+        "(one sample per .npy for a single-input model; read in file-name order); with --method dynamic "
+        "optional, for the fidelity check only",
     )
     q.add_argument("-o", "--output", help="output .onnx (default: <model>.quant.onnx beside the input)")
     q.add_argument("--config", help="a QuantConfig as JSON file")
@@ -53,9 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--method",
         choices=sorted(METHODS),
-        help="calibration method (default minmax; percentile/entropy/mse build streaming histograms)",
+        help="calibration method (default minmax; percentile/entropy/mse build streaming histograms; "
+        "dynamic: activations quantized at run time, no data needed)",
     )
     q.add_argument("--no-smoothing", action="store_true", help="turn SmoothQuant outlier migration off")
+    q.add_argument(
+        "--weight-only",
+        choices=WEIGHT_ONLY,
+        metavar="TYPE",
+        help="weight-only quantization, no data needed: "
+        + ", ".join(WEIGHT_ONLY)
+        + " (nf4/log/kmeans are codebooks); activations stay float",
+    )
+    q.add_argument(
+        "--block-size",
+        type=int,
+        default=128,
+        help="weights per scale along K for --weight-only (0: per channel)",
+    )
+    q.add_argument(
+        "--matmul-nbits",
+        action="store_true",
+        help="with --weight-only: write com.microsoft MatMulNBits directly",
+    )
     q.add_argument("--num-samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--no-fidelity", action="store_true", help="skip the fp32 comparison")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -141,6 +174,14 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> QuantConfig:
     config = QuantConfig.from_json(args.config) if getattr(args, "config", None) else QuantConfig()
     changes = {}
+    if getattr(args, "weight_only", None):
+        block = args.block_size or None
+        if args.weight_only in ("nf4", "log", "kmeans"):
+            codebook = Codebook(args.weight_only, block_size=block if args.weight_only != "kmeans" else None)
+            config = QuantConfig.weight_only(codebook=codebook, target=config.target)
+        else:
+            fmt = "matmul_nbits" if args.matmul_nbits else "dequantize_linear"
+            config = QuantConfig.weight_only(args.weight_only, block, weight_format=fmt, target=config.target)
     if getattr(args, "target", None) and args.target != config.target:
         config = config.with_changes(target=args.target)
     if getattr(args, "per_tensor", False):

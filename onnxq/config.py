@@ -47,7 +47,53 @@ class PerChannel:
     axis: int | None = None
 
 
-Granularity = PerTensor | PerChannel
+@dataclass(frozen=True)
+class PerBlock:
+    """One scale per block of ``size`` consecutive elements along the weight's reduction axis
+    (MatMul ``[K, N]``: K; Gemm: K whichever ``transB``; an embedding table ``[V, H]``: H), the
+    layout of opset-21 blocked DequantizeLinear and of ORT's ``MatMulNBits`` (which needs a power of
+    two >= 16). Weight-only configs (``activations=None``) only."""
+
+    size: int = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 2:
+            raise ConfigError("PerBlock(size=n) needs an integer n >= 2 (MatMulNBits: a power of two >= 16)")
+
+
+Granularity = PerTensor | PerChannel | PerBlock
+
+# Weight types of weight-only configs (``activations=None``); static and dynamic configs use INT_TYPES.
+WEIGHT_ONLY_DTYPES = ("int8", "uint8", "int4", "uint4", "int2", "uint2", "float8e4m3fn", "float4e2m1")
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """Non-uniform weights for weight-only configs: every weight is an index into a small float
+    codebook (``Gather``), times a per-block (``block_size``) or per-channel (``None``) scale.
+
+    - ``"nf4"``: the 16 NormalFloat levels of QLoRA (normal quantiles), absmax scale; ``bits`` = 4.
+    - ``"log"``: ``±2^-k`` levels (k = 0 .. 2^(bits-1) - 1), absmax scale.
+    - ``"kmeans"``: ``2^bits`` centroids learnt per tensor by k-means over vectors of
+      ``vector_size`` consecutive weights (vector quantization), per-channel scale.
+
+    Indices are stored as uint4 (up to 16 codes) or uint8. Details: :mod:`onnxq.codebook`.
+    """
+
+    kind: Literal["nf4", "log", "kmeans"] = "nf4"
+    block_size: int | None = 64
+    bits: int = 4
+    vector_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("nf4", "log", "kmeans"):
+            raise ConfigError(f"unknown codebook {self.kind!r}; use 'nf4', 'log' or 'kmeans'")
+        if not 1 <= self.bits <= 8 or (self.kind == "nf4" and self.bits != 4):
+            raise ConfigError("Codebook(bits=b) needs 1 <= b <= 8 (nf4: b = 4)")
+        if self.block_size is not None and self.block_size < 2:
+            raise ConfigError("Codebook(block_size=n) needs n >= 2, or None for per-channel scales")
+        if self.vector_size < 1 or (self.vector_size > 1 and self.kind != "kmeans"):
+            raise ConfigError("Codebook(vector_size=d) needs d >= 1, and d > 1 only with kind='kmeans'")
 
 
 @dataclass(frozen=True)
@@ -64,14 +110,20 @@ class QuantSpec:
     calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in INT_TYPES:
+        if self.dtype not in INT_TYPES and self.dtype not in WEIGHT_ONLY_DTYPES:
             raise ConfigError(
-                f"unsupported quantization dtype {self.dtype!r}; use one of {', '.join(INT_TYPES)}"
+                f"unsupported quantization dtype {self.dtype!r}; use one of "
+                f"{', '.join(dict.fromkeys((*INT_TYPES, *WEIGHT_ONLY_DTYPES)))}"
             )
-        if not isinstance(self.granularity, PerTensor | PerChannel):
-            raise ConfigError("granularity must be PerTensor() or PerChannel(axis=None|int)")
+        if not isinstance(self.granularity, PerTensor | PerChannel | PerBlock):
+            raise ConfigError("granularity must be PerTensor(), PerChannel(axis=None|int) or PerBlock(size)")
         if self.calibration is not None:
             _check_calibration(self.calibration)
+            if isinstance(self.calibration, Dynamic):
+                raise ConfigError(
+                    "Dynamic() applies to the whole model: use QuantConfig(calibration=Dynamic()), "
+                    "not a per-tensor QuantSpec(calibration=...)"
+                )
 
 
 @dataclass(frozen=True)
@@ -130,7 +182,15 @@ class MSE:
             raise ConfigError("MSE(candidates=n) needs n >= 2")
 
 
-Calibration = MinMax | Percentile | Entropy | MSE
+@dataclass(frozen=True)
+class Dynamic:
+    """No calibration: activations are quantized at run time. ``DynamicQuantizeLinear`` computes
+    each activation's uint8 asymmetric per-tensor scale and zero point from its own min/max on every
+    run, so no calibration data is needed; weights are quantized offline as ``config.weights`` says.
+    What the rewrite emits per target is in :mod:`onnxq.passes.dynamic`."""
+
+
+Calibration = MinMax | Percentile | Entropy | MSE | Dynamic
 
 
 @dataclass(frozen=True)
@@ -198,19 +258,31 @@ class QuantConfig:
     overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
     num_samples: int | None = None
     fidelity: bool = True
+    weight_format: Literal["dequantize_linear", "matmul_nbits"] = "dequantize_linear"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; supported targets: {', '.join(TARGETS)}")
         preset = PRESETS[self.target]
+        if isinstance(self.calibration, Dynamic):
+            _dynamic_defaults(self)
         for name in TARGET_FIELDS:
             value = getattr(self, name)
-            if value is FROM_TARGET or (value is None and name != "smoothing"):
+            if self.activations is None and name == "smoothing" and value is FROM_TARGET:
+                value = None  # weight-only: nothing to smooth
+                object.__setattr__(self, name, None)
+            if value is FROM_TARGET or (value is None and name not in ("smoothing", "activations")):
                 object.__setattr__(self, name, getattr(preset, name))
         for name in ("activations", "weights"):
-            if not isinstance(getattr(self, name), QuantSpec):
+            if not isinstance(getattr(self, name), QuantSpec) and not (
+                (name == "activations" and self.activations is None)
+                or (name == "weights" and isinstance(self.weights, Codebook))
+            ):
                 raise ConfigError(f"{name} must be a QuantSpec(...), not {getattr(self, name)!r}")
+        _check_weight_only(self)
         _check_calibration(self.calibration)
+        if isinstance(self.calibration, Dynamic):
+            _check_dynamic(self)
         if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuant):
             raise ConfigError(f"smoothing must be SmoothQuant(...) or None, not {self.smoothing!r}")
         if self.num_samples is not None and self.num_samples < 1:
@@ -230,6 +302,10 @@ class QuantConfig:
         preset to the new target's preset; values set to something else are kept.
         """
         target = changes.get("target", self.target)
+        calibration = changes.get("calibration", self.calibration)
+        if isinstance(self.calibration, Dynamic) != isinstance(calibration, Dynamic):
+            for name in ("activations", "smoothing"):  # their defaults differ between the two modes
+                changes.setdefault(name, FROM_TARGET)
         if target != self.target and target in PRESETS:
             old = PRESETS[self.target]
             for name in TARGET_FIELDS:
@@ -251,7 +327,7 @@ class QuantConfig:
                 continue
             value = getattr(self, f.name)
             if f.name in ("activations", "weights"):
-                value = _spec_to_dict(value)
+                value = None if value is None else _spec_to_dict(value)
             elif f.name == "calibration":
                 value = _calibration_to_dict(value)
             elif f.name == "smoothing":
@@ -275,7 +351,7 @@ class QuantConfig:
         kwargs: dict[str, Any] = dict(data)
         try:
             for key in ("activations", "weights"):
-                if key in kwargs:
+                if kwargs.get(key) is not None:
                     kwargs[key] = _spec_from_dict(kwargs[key])
             if "calibration" in kwargs:
                 kwargs["calibration"] = _calibration_from_dict(kwargs["calibration"])
@@ -312,6 +388,26 @@ class QuantConfig:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    @classmethod
+    def weight_only(
+        cls,
+        dtype: str = "int4",
+        block_size: int | None = 128,
+        *,
+        symmetric: bool = True,
+        codebook: Codebook | None = None,
+        weight_format: str = "dequantize_linear",
+        **changes: Any,
+    ) -> QuantConfig:
+        """Weight-only quantization, no calibration data: ``dtype`` weights (``PerBlock(block_size)``,
+        or per channel when ``block_size`` is None) or a ``codebook``; activations stay float.
+        ``weight_format``: ``"dequantize_linear"`` (opset-21 blocked DequantizeLinear, which ORT fuses
+        into MatMulNBits) or ``"matmul_nbits"`` (``com.microsoft::MatMulNBits`` written directly)."""
+        weights: QuantSpec | Codebook = codebook or QuantSpec(
+            dtype, symmetric, PerChannel() if block_size is None else PerBlock(block_size)  # type: ignore[arg-type]
+        )
+        return cls(activations=None, weights=weights, weight_format=weight_format, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def for_target(cls, target: str, **changes: Any) -> QuantConfig:
@@ -371,7 +467,49 @@ PRESETS: dict[str, TargetPreset] = {
 }
 
 
-_CALIBRATIONS: dict[str, type] = {c.__name__: c for c in (MinMax, Percentile, Entropy, MSE)}
+_CALIBRATIONS: dict[str, type] = {c.__name__: c for c in (MinMax, Percentile, Entropy, MSE, Dynamic)}
+
+# What DynamicQuantizeLinear computes at run time: the only activation spec a Dynamic() config has.
+DYNAMIC_ACTIVATIONS = QuantSpec("uint8", False, PerTensor())
+
+
+def _dynamic_defaults(config: QuantConfig) -> None:
+    """A Dynamic() config's target-dependent defaults: run-time uint8 activations, no SmoothQuant
+    (it needs calibration statistics)."""
+    if config.activations is FROM_TARGET:
+        object.__setattr__(config, "activations", DYNAMIC_ACTIVATIONS)
+    if config.smoothing is FROM_TARGET:
+        object.__setattr__(config, "smoothing", None)
+
+
+def _check_dynamic(config: QuantConfig) -> None:
+    """Settings a Dynamic() config cannot honour, each refused with the fix."""
+    if config.target in ("qnn", "tensorrt"):
+        runtime = "QNN-HTP" if config.target == "qnn" else "TensorRT's ONNX parser"
+        raise ConfigError(
+            f"target {config.target!r} cannot quantize at run time ({runtime} has no "
+            f"DynamicQuantizeLinear); calibrate statically: QuantConfig(target={config.target!r}) "
+            "with calibration data, or use Dynamic() with target 'cpu' or 'openvino'"
+        )
+    if config.activations != DYNAMIC_ACTIVATIONS:
+        raise ConfigError(
+            "Dynamic() quantizes activations to uint8 asymmetric per tensor at run time "
+            "(DynamicQuantizeLinear); leave activations unset or use a static calibration such as MinMax()"
+        )
+    if not isinstance(config.weights, QuantSpec) or config.weights.dtype not in ("int8", "uint8"):
+        raise ConfigError(
+            "Dynamic() runs 8-bit integer MatMuls; use weights=QuantSpec('int8', True, PerChannel())"
+        )
+    if getattr(config, "weight_format", "dequantize_linear") != "dequantize_linear":
+        raise ConfigError(
+            "Dynamic() stores 8-bit weights for MatMulInteger; weight_format='matmul_nbits' belongs to "
+            "weight-only quantization: drop weight_format or calibration=Dynamic()"
+        )
+    if config.smoothing is not None:
+        raise ConfigError(
+            "SmoothQuant needs calibration statistics; use smoothing=None with Dynamic(), "
+            "or a static calibration such as MinMax()"
+        )
 
 
 def _check_calibration(value: object) -> None:
@@ -403,11 +541,33 @@ def _check_keys(data: Mapping[str, Any], allowed: set[str], what: str) -> None:
         raise ConfigError(f"unknown {what} keys {unknown}; valid keys are {sorted(allowed)}")
 
 
-def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
+def _check_weight_only(config: QuantConfig) -> None:
+    """Low-bit types, blocks and codebooks are weight-only; weight-only configs take no activation
+    settings that would be silently ignored."""
+    if config.weight_format not in ("dequantize_linear", "matmul_nbits"):
+        raise ConfigError(
+            f"unknown weight_format {config.weight_format!r}; use 'dequantize_linear' or 'matmul_nbits'"
+        )
+    w = config.weights
+    low_bit = isinstance(w, Codebook) or w.dtype not in INT_TYPES or isinstance(w.granularity, PerBlock)
+    if config.activations is not None and low_bit:
+        raise ConfigError(
+            "low-bit, blocked and codebook weights are weight-only: use activations=None, e.g. "
+            "QuantConfig.weight_only('int4', block_size=128)"
+        )
+    if config.activations is None and config.smoothing is not None:
+        raise ConfigError("SmoothQuant needs calibrated activations; use smoothing=None for weight-only")
+
+
+def _spec_to_dict(spec: QuantSpec | Codebook) -> dict[str, Any]:
+    if isinstance(spec, Codebook):
+        return {"codebook": asdict(spec)}
     gran = spec.granularity
     g: dict[str, Any] = (
         {"kind": "per_tensor"}
         if isinstance(gran, PerTensor)
+        else {"kind": "per_block", "size": gran.size}
+        if isinstance(gran, PerBlock)
         else {
             "kind": "per_channel",
             "axis": gran.axis,
@@ -419,20 +579,26 @@ def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
     return out
 
 
-def _spec_from_dict(data: Mapping[str, Any]) -> QuantSpec:
+def _spec_from_dict(data: Mapping[str, Any]) -> QuantSpec | Codebook:
     if not isinstance(data, Mapping):
         raise ConfigError(f"a quantization spec must be an object, got {data!r}")
+    if "codebook" in data:
+        _check_keys(data, {"codebook"}, "codebook spec")
+        _check_keys(data["codebook"], {f.name for f in fields(Codebook)}, "codebook")
+        return Codebook(**data["codebook"])
     _check_keys(data, {"dtype", "symmetric", "granularity", "calibration"}, "quantization spec")
     gran = data.get("granularity", {"kind": "per_tensor"})
     if isinstance(gran, Mapping):
-        _check_keys(gran, {"kind", "axis"}, "granularity")
+        _check_keys(gran, {"kind", "axis", "size"}, "granularity")
     kind = gran.get("kind") if isinstance(gran, Mapping) else gran
     if kind == "per_tensor":
         granularity: Granularity = PerTensor()
     elif kind == "per_channel":
         granularity = PerChannel(gran.get("axis") if isinstance(gran, Mapping) else None)
+    elif kind == "per_block" and isinstance(gran, Mapping):
+        granularity = PerBlock(gran.get("size", 128))
     else:
-        raise ConfigError(f"unknown granularity {kind!r}; use 'per_tensor' or 'per_channel'")
+        raise ConfigError(f"unknown granularity {kind!r}; use 'per_tensor', 'per_channel' or 'per_block'")
     return QuantSpec(
         dtype=data.get("dtype", "uint8"),
         symmetric=bool(data.get("symmetric", False)),

@@ -118,7 +118,10 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
 def iter_samples(data: Any, inputs: list[InputSpec]) -> Iterator[Sample]:
     """Normalise any accepted form of calibration data into a stream of input dicts (unchecked)."""
     if data is None:
-        raise CalibrationDataError("static quantization needs calibration data; pass calib_data")
+        raise CalibrationDataError(
+            "static quantization needs calibration data; pass calib_data, or quantize without data: "
+            "QuantConfig(calibration=Dynamic())"
+        )
     if isinstance(data, CalibrationSource):
         yield from data.samples(inputs)
         return

@@ -212,7 +212,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mode
 
 
 def _check_external_data(model: ir.Model, base_dir: Path) -> None:
-    """Every external tensor must lie inside the model's folder and exist."""
+    """Every external tensor must lie inside the model's folder (no absolute path, no ``..``, no
+    symlink leaving it), exist, and fit in its file (reading past the end of a mapped file would
+    crash the process instead of raising)."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
@@ -230,6 +232,13 @@ def _check_external_data(model: ir.Model, base_dir: Path) -> None:
                     f"external data file {location} of initializer {value.name!r} is missing; "
                     "copy it next to the model"
                 )
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+            if end > target.stat().st_size:
+                raise ModelLoadError(
+                    f"initializer {value.name!r} needs bytes {tensor.offset or 0}..{end} of {location}, "
+                    f"which has {target.stat().st_size}; the external data file is truncated or not "
+                    "this model's"
+                )
 
 
 def save_model(
@@ -239,9 +248,10 @@ def save_model(
 
     The file is written beside the destination under a temporary name and renamed into place, so
     the destination holds either its old content or the complete new model. Models too large for a
-    single protobuf go to ``<output>.data`` beside it. Weights still referencing another file are
-    copied in. ``verify`` is called on the complete temporary file before the rename; if it raises,
-    nothing is written.
+    single protobuf go to ``<output>.data`` beside it (the old model is removed before its data file
+    is replaced, so an interrupted save leaves the old pair, no model, or the new pair). Weights still
+    referencing another file are copied in. ``verify`` is called on the complete temporary file before
+    the rename; if it raises, nothing is written.
     """
     output = Path(output)
     folder = output.parent if str(output.parent) else Path(".")
@@ -265,6 +275,9 @@ def save_model(
             if verify is not None:
                 verify(tmp_model)
             if external:
+                # Two files cannot be swapped at once: the old model goes first, so a crash between
+                # the renames leaves no model rather than an old one reading the new weights.
+                output.unlink(missing_ok=True)
                 os.replace(Path(tmp) / data_name, folder / data_name)
             os.replace(tmp_model, output)
         except OSError as exc:

@@ -28,8 +28,8 @@ from onnx_ir.passes.common import (
 )
 
 from onnxq import metrics
-from onnxq.calibrate import calibrate, make_session, session_options
-from onnxq.config import QuantConfig
+from onnxq.calibrate import CalibrationResult, calibrate, make_session, session_options
+from onnxq.config import Dynamic, QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
 from onnxq.errors import (
     CalibrationDataError,
@@ -41,6 +41,7 @@ from onnxq.errors import (
 )
 from onnxq.model_io import load_model, model_in_folder, save_model
 from onnxq.passes.cleanup import Cleanup
+from onnxq.passes.dynamic import DynamicPlanner, dynamic_passes, dynamic_references
 from onnxq.passes.finite_mask import FiniteMaskSentinels
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
@@ -50,6 +51,7 @@ from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
 from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
 from onnxq.passes.static_shapes import FixInputShapes, RefreshShapes
+from onnxq.passes.upcast_half import UpcastHalf
 from onnxq.passes.upgrade_opset import MIN_OPSET, OPSET_16BIT, UpgradeOpset
 from onnxq.plan import QUANTIZED_OPS, RULES, Planner, QuantPlan, TargetRules
 from onnxq.result import FloatNode, OutputFidelity, QuantizationResult, QuantizationSummary
@@ -65,6 +67,7 @@ def prepare_passes(
     static_shapes: FixInputShapes | None = None,
     finite_mask: FiniteMaskSentinels | None = None,
     fuse_gelu: FuseGelu | None = None,
+    upcast: UpcastHalf | None = None,
 ) -> ir.passes.PassManager:
     """Passes that put any model into the canonical form the planner reads. With ``static_shapes``,
     input dimensions are fixed first and shapes inferred before folding, so shape arithmetic
@@ -80,6 +83,7 @@ def prepare_passes(
         fold = [static_shapes, ShapeInferencePass(), *fold, *again, *again]
     return ir.passes.PassManager(
         [
+            upcast or UpcastHalf(),
             upgrade,
             *fold,
             *([finite_mask] if finite_mask is not None else []),
@@ -173,12 +177,15 @@ def prepare_model(
     static = FixInputShapes(sample) if rules.static_shapes and sample is not None else None
     mask = FiniteMaskSentinels(rules.finite_mask) if rules.finite_mask is not None else None
     gelu = FuseGelu() if rules.fuse_gelu else None
+    upcast = UpcastHalf()
     try:
-        prepare_passes(upgrade, static, mask, gelu)(ir_model)
+        prepare_passes(upgrade, static, mask, gelu, upcast)(ir_model)
     except OnnxqError:
         raise
     except Exception as exc:
         raise QuantizationError(f"could not prepare the model for quantization: {_root_cause(exc)}") from exc
+    if notes is not None and upcast.upcast:
+        notes.append(f"{upcast.upcast} model: quantized through float32; inputs and outputs keep their type")
     if notes is not None and static is not None and static.fixed:
         shapes = ", ".join(f"{k} {list(v)}" for k, v in static.fixed.items())
         notes.append(
@@ -197,7 +204,8 @@ def prepare_model(
 
 def make_plan(model: ir.Model, config: QuantConfig) -> QuantPlan:
     """The quantization plan of a prepared model."""
-    return Planner(config).plan(model)
+    planner = DynamicPlanner if isinstance(config.calibration, Dynamic) else Planner
+    return planner(config).plan(model)
 
 
 def _default_output(model: Any) -> Path | None:
@@ -270,13 +278,17 @@ def measure_fidelity(
 
 def quantize(
     model: str | os.PathLike | onnx.ModelProto | ir.Model,
-    calib_data: Any,
+    calib_data: Any = None,
     *,
     config: QuantConfig | None = None,
     output: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> QuantizationResult:
     """Quantize ``model`` statically with ``calib_data`` and return the result.
+
+    With ``config.calibration=Dynamic()`` activations are quantized at run time instead: no data is
+    needed, and ``calib_data``, when given, is validated and used for the fidelity report only
+    (``onnxq.passes.dynamic`` says what the rewrite emits per target).
 
     ``model``: a path (file, or a folder holding one .onnx), an ``onnx.ModelProto`` or an
     ``onnx_ir.Model``. ``calib_data``: an iterable of ``{input_name: array}`` dicts, an array or list
@@ -294,8 +306,16 @@ def quantize(
     output_path = Path(output) if output is not None else _default_output(model)
     if output_path is not None and not output_path.parent.is_dir():
         raise OutputError(f"output folder {output_path.parent} does not exist; create it first")
+    if config.activations is None:  # weight-only: no calibration (onnxq/weight_only.py)
+        from onnxq.weight_only import quantize_weight_only
+
+        return quantize_weight_only(model, config, output_path, calib_data, progress)
     ir_model = load_model(model)
-    first, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
+    dynamic = isinstance(config.calibration, Dynamic)
+    if dynamic and calib_data is None:
+        first, samples = None, iter(())
+    else:
+        first, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
     size_before = _size_of(model, ir_model)
     rules = RULES[config.target]
     notes: list[str] = []
@@ -303,26 +323,15 @@ def quantize(
     if rules.static_shapes:
         samples = _same_shapes(first, samples, config.target)
 
-    plan = make_plan(ir_model, config)
-    candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
-    calibration = calibrate(
-        ir_model,
-        {name: plan.activations[name].spec for name in plan.calibration_tensors()},
-        samples,
-        config.calibration,
-        total=config.num_samples,
-        keep=FIDELITY_SAMPLES if config.fidelity else 0,
-        progress=progress,
-        channels=candidates,
-    )
-    scales = (
-        choose_scales(candidates, calibration.channels, plan, config.smoothing)
-        if config.smoothing is not None
-        else {}
-    )
-    smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
+    keep = FIDELITY_SAMPLES if config.fidelity else 0
+    if dynamic:  # no calibration: DynamicQuantizeLinear computes activation scales at run time
+        plan, scales = make_plan(ir_model, config), {}
+        calibration = dynamic_references(ir_model, samples, keep)
+        rewrite = dynamic_passes(plan, config)
+    else:
+        plan, calibration, scales, rewrite = _calibrated_rewrite(ir_model, config, samples, keep, progress)
     try:
-        rewrite_passes(plan, calibration.ranges, smoothing, rules)(ir_model)
+        rewrite(ir_model)
     except OnnxqError:
         raise
     except Exception as exc:
@@ -350,9 +359,36 @@ def quantize(
         opset_upgraded_from=upgrade.upgraded_from,
         smoothed={name: alpha for name, (_, alpha) in scales.items()},
         notes=tuple(notes),
+        dynamic=dynamic,
     )
     log.info("quantized %d nodes", sum(summary.quantized_nodes.values()))
     return QuantizationResult(output_path, ir_model, summary)
+
+
+def _calibrated_rewrite(
+    ir_model: ir.Model, config: QuantConfig, samples: Iterator[Sample], keep: int, progress: bool
+) -> tuple[QuantPlan, CalibrationResult, dict[str, Any], ir.passes.PassManager]:
+    """The static path: plan, calibrate (with SmoothQuant's statistics), and the rewrite to apply."""
+    plan = make_plan(ir_model, config)
+    candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
+    calibration = calibrate(
+        ir_model,
+        {name: plan.activations[name].spec for name in plan.calibration_tensors()},
+        samples,
+        config.calibration,
+        total=config.num_samples,
+        keep=keep,
+        progress=progress,
+        channels=candidates,
+    )
+    scales = (
+        choose_scales(candidates, calibration.channels, plan, config.smoothing)
+        if config.smoothing is not None
+        else {}
+    )
+    smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
+    rewrite = rewrite_passes(plan, calibration.ranges, smoothing, RULES[config.target])
+    return plan, calibration, scales, rewrite
 
 
 def check_model_file(path: Path) -> None:

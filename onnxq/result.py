@@ -42,6 +42,7 @@ class QuantizationSummary:
     opset_upgraded_from: int | None = None
     smoothed: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
+    dynamic: bool = False  # activations quantized at run time; the samples served the fidelity check only
 
     @property
     def size_ratio(self) -> float:
@@ -65,7 +66,13 @@ class QuantizationSummary:
             f"size: {self.size_before / 1e6:.2f} MB -> {self.size_after / 1e6:.2f} MB "
             f"({100 * self.size_ratio:.1f}%)"
         )
-        lines.append(f"calibration samples: {self.calibration_samples}")
+        if self.dynamic:
+            lines.append(
+                "calibration: dynamic (activations quantized at run time); "
+                f"{self.calibration_samples} samples used for the fidelity check only"
+            )
+        else:
+            lines.append(f"calibration samples: {self.calibration_samples}")
         if self.smoothed:
             alphas = sorted(self.smoothed.values())
             lines.append(
@@ -75,7 +82,8 @@ class QuantizationSummary:
         if self.opset_upgraded_from is not None:
             lines.append(f"opset upgraded from {self.opset_upgraded_from}")
         if self.fidelity:
-            lines.append(f"fidelity vs fp32 ({self.fidelity_samples} calibration samples)")
+            what = "samples" if self.dynamic else "calibration samples"
+            lines.append(f"fidelity vs fp32 ({self.fidelity_samples} {what})")
             lines.append(f"  {'output':<28} {'cosine':>9} {'SQNR dB':>9} {'max abs err':>12}")
             for f in self.fidelity:
                 lines.append(f"  {f.name:<28} {f.cosine:>9.5f} {f.sqnr_db:>9.2f} {f.max_abs_error:>12.4g}")

@@ -10,6 +10,7 @@ and Pillow is imported by :func:`from_images` itself.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import os
 import sys
@@ -82,8 +83,50 @@ def cast_to_input(value: Any, spec: InputSpec, what: str, fix: str) -> np.ndarra
 
 
 # --- .npy / .npz files and folders ------------------------------------------------------------------
+def max_file_bytes() -> int:
+    """The most a single calibration file may unpack to: half the machine's memory, so a file whose
+    headers declare huge arrays is refused before anything is allocated."""
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return 8 * 2**30
+
+
+def _declared_bytes(path: Path) -> int:
+    """Bytes the arrays of a ``.npy``/``.npz`` would take, from their headers alone."""
+
+    def header_bytes(f: Any) -> int:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            f.seek(0)
+            return header_bytes(f)
+    with zipfile.ZipFile(path) as archive:
+        total = 0
+        for member in archive.namelist():
+            with archive.open(member) as f:
+                total += header_bytes(f)
+        return total
+
+
 def _load_arrays(path: Path) -> np.ndarray | dict[str, np.ndarray]:
-    """The array of a ``.npy`` or the arrays of a ``.npz`` (read by content, not by suffix)."""
+    """The array of a ``.npy`` or the arrays of a ``.npz`` (read by content, not by suffix); a file
+    declaring more than :func:`max_file_bytes` is refused before anything is allocated."""
+    try:
+        declared = _declared_bytes(path)
+    except _READ_ERRORS as exc:
+        raise CalibrationDataError(
+            f"cannot read calibration file {path}: {_first_line(exc)}; re-save it with np.save / np.savez"
+        ) from None
+    limit = max_file_bytes()
+    if declared > limit:
+        raise CalibrationDataError(
+            f"calibration file {path} declares {declared / 2**30:.1f} GiB of arrays, more than the "
+            f"{limit / 2**30:.1f} GiB onnxq reads from one file; split it into a folder of smaller .npz files"
+        )
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):

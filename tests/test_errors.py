@@ -225,8 +225,9 @@ def test_unknown_config_key() -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({"weights": {"dtype": "int4"}}, "unsupported quantization dtype 'int4'"),
-        ({"weights": {"granularity": {"kind": "per_block"}}}, "unknown granularity 'per_block'"),
+        ({"weights": {"dtype": "int3"}}, "unsupported quantization dtype 'int3'"),
+        ({"weights": {"dtype": "int4"}}, "weight-only: use activations=None"),
+        ({"weights": {"granularity": {"kind": "per_group"}}}, "unknown granularity 'per_group'"),
         ({"calibration": {"method": "KLD"}}, "unknown calibration method 'KLD'"),
         ({"calibration": {"method": "MinMax", "moving_average": 2.0}}, "0 < c < 1"),
         ({"calibration": {"method": "MinMax", "percentile": 99.9}}, "percentile"),
@@ -318,8 +319,8 @@ def test_round_trip_differs_when_config_differs() -> None:
 
 
 def test_quantconfig_rejects_bad_dtype_directly() -> None:
-    with pytest.raises(ConfigError, match="int4"):
-        QuantSpec("int4")
+    with pytest.raises(ConfigError, match="int3"):
+        QuantSpec("int3")
 
 
 def test_errors_derive_from_onnxqerror() -> None:

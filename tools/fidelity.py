@@ -12,7 +12,17 @@ Quantizers (``--quantizers`` picks some by key):
 - ``onnxq-<stem>``: one per ``--configs`` JSON file (``QuantConfig.from_json``);
 - ``ort-static``: ``quantize_static`` QDQ, activations QUInt8, weights QInt8, per-channel, MinMax
   (defaults otherwise), after ``quant_pre_process`` (without it if that fails; the notes say so);
-- ``ort-dynamic``: ``quantize_dynamic`` with QInt8 per-channel weights (no calibration).
+- ``ort-dynamic``: ``quantize_dynamic`` with QInt8 per-channel weights (no calibration);
+- ``ort-matmul-nbits``: ``MatMulNBitsQuantizer`` (int4, block 128, symmetric RTN; no calibration);
+  onnxq's weight-only counterpart is ``--configs tools/configs/weight-only-int4-b128.json``;
+- ``onnxq-amp``: ``onnxq.quantize_mixed`` (automatic mixed precision) with the default config and
+  an accuracy budget scored by the task on an *evaluation* split kept apart from both the
+  calibration data and the reported test split: MiniLM accuracy drop <= ``--amp-points`` (0.1)
+  on 3,000 other movie snippets, SmolLM2 perplexity within ``--amp-ppl-pct`` (3 %) on the next
+  ``--amp-windows`` tutorial windows, the CNN's top-1 drop <= ``--amp-points`` on training images
+  not used for calibration. Its notes give the nodes kept in float, the quantizations tried, the
+  budget metric on the evaluation split and the latency vs fp32 on ORT's CPU EP (batch 1, the
+  calibration samples' shape, block-timed, median of 3 interleaved rounds).
 
 Models (``--models``):
 
@@ -73,6 +83,7 @@ Feed = dict[str, np.ndarray]
 MODELS = ("minilm", "smollm2", "cnn")
 DEFAULT_SAMPLES = {"minilm": 64, "smollm2": 16, "cnn": 64}
 MINILM_TRAIN, MINILM_TEST = 3000, 2000
+MINILM_AMP_EVAL = 3000  # movie snippets after the train and test ones: the AMP evaluation split
 SMOLLM2_REFERENCE_PPL = 14.33  # ../shared/data/README.md: fp32, first 16 windows of 512 tokens
 ERROR_CHARS = 160
 
@@ -176,6 +187,54 @@ def ort_dynamic(fp32: Path, calib: list[Feed], output: Path) -> dict[str, Any]:
     return {}
 
 
+def amp_quantizer(task: Task) -> Quantizer:
+    """``onnxq.quantize_mixed`` under the task's budget (``task.amp_budget()``), scored on the task's
+    evaluation split; the notes report what it chose and what it cost."""
+
+    def run(fp32: Path, calib: list[Feed], output: Path) -> dict[str, Any]:
+        import onnxq
+        from onnxq.mixed_precision import MixedPrecision, quantize_mixed
+
+        eval_fn, max_drop, what, extra = task.amp_budget()
+        budget = MixedPrecision(eval_fn=eval_fn, max_drop=max_drop, **extra)
+        result = quantize_mixed(
+            fp32, calib, budget, config=onnxq.QuantConfig(), output=output, progress=False
+        )
+        log.info("%s AMP:\n%s", task.name, result.to_text())
+        notes: dict[str, Any] = {
+            "budget": what,
+            "met_on_eval_split": result.met,
+            "float_nodes": f"{len(result.chosen)} of {len(result.ranking)} candidates",
+            "chosen": ", ".join(f"{c.op_type} {c.name}" for c in result.chosen) or "none",
+            "quantizations": result.quantizations,
+            "eval_split_score": f"fp32 {result.fp32_score:.5g}, base {result.before.score:.5g}, "
+            f"chosen {result.after.score:.5g}",
+        }
+        if result.latency_ratio:
+            notes["latency_vs_fp32"] = (
+                f"base {result.latency_ratio['base']:.3f}x, chosen {result.latency_ratio['chosen']:.3f}x "
+                f"(fp32 {result.latency_ms['fp32']:.2f} ms)"
+            )
+            task.latency_ratio = result.latency_ratio["chosen"]
+        return notes
+
+    return run
+
+
+amp_quantizer.needs_task = True  # type: ignore[attr-defined]  # run_contender passes the task
+
+
+def ort_matmul_nbits(fp32: Path, calib: list[Feed], output: Path) -> dict[str, Any]:
+    """ORT's ``MatMulNBitsQuantizer``: 4-bit, block 128, symmetric, RTN (its defaults; ``calib`` unused)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quant = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=128, is_symmetric=True)
+    quant.process()
+    quant.model.save_model_to_file(str(output), use_external_data_format=False)
+    return {}
+
+
 def _failing(message: str) -> Quantizer:
     """A quantizer that raises ``message`` (its row shows the error; the other rows still run)."""
 
@@ -207,6 +266,8 @@ def contenders(config_files: list[str]) -> list[Contender]:
         *(Contender(key, label, q) for (key, label), q in zip(onnxq_rows, quantizers, strict=True)),
         Contender("ort-static", "ORT quantize_static (U8S8, per-channel)", ort_static),
         Contender("ort-dynamic", "ORT quantize_dynamic (S8 weights, per-channel)", ort_dynamic),
+        Contender("ort-matmul-nbits", "ORT MatMulNBits (int4 RTN, block 128)", ort_matmul_nbits),
+        Contender("onnxq-amp", "onnxq automatic mixed precision", amp_quantizer),  # type: ignore[arg-type]
     ]
 
 
@@ -352,6 +413,11 @@ class Task:
         """One line each on the calibration and the evaluation data."""
         raise NotImplementedError
 
+    def amp_budget(self) -> tuple[Callable[[Path], float], float, str, dict[str, Any]]:
+        """``(eval_fn, max_drop, description, other MixedPrecision fields)`` for ``onnxq-amp``,
+        scored on an evaluation split apart from the calibration and test data (after fp32 ran)."""
+        raise NotImplementedError(f"no mixed-precision budget for {self.name}")
+
 
 class MiniLMTask(Task):
     """all-MiniLM-L6-v2 sentence embeddings: sentiment accuracy of a logistic head, cosine vs fp32."""
@@ -382,6 +448,10 @@ class MiniLMTask(Task):
         self.test_texts = [texts[i] for i in self.test_idx]
         labels = np.array([s > 0 for _, s in movie], dtype=np.int64)
         self.y_train, self.y_test = labels[self.train_idx], labels[self.test_idx]
+        end = MINILM_TRAIN + MINILM_TEST
+        self.amp_idx = order[end : end + MINILM_AMP_EVAL]
+        self.amp_texts = [texts[i] for i in self.amp_idx]
+        self.y_amp = labels[self.amp_idx]
 
         pool = [t for t, _ in models.vader_snippets("nyt")] + [t for t, _ in models.vader_snippets("amazon")]
         picks = np.random.default_rng(self.args.seed + 1).choice(len(pool), self.samples, replace=False)
@@ -442,6 +512,19 @@ class MiniLMTask(Task):
         cos = num / (np.linalg.norm(test, axis=1) * np.linalg.norm(self.ref_test, axis=1))
         return {"accuracy": acc, "drop_points": 100 * (acc - self.ref_acc), "cosine": float(cos.mean())}
 
+    def amp_budget(self) -> tuple[Callable[[Path], float], float, str, dict[str, Any]]:
+        def accuracy_points(path: Path) -> float:
+            return 100 * float(
+                self.head.score(self.embed(path, self.amp_texts, "minilm amp eval"), self.y_amp)
+            )
+
+        points = self.args.amp_points
+        what = (
+            f"accuracy drop <= {points} points on {len(self.amp_texts)} other movie snippets "
+            f"(seed {self.args.seed}, disjoint from train/test)"
+        )
+        return accuracy_points, points, what, {"max_refine_trials": 4}
+
 
 class SmolLM2Task(Task):
     """SmolLM2-135M perplexity on the Python tutorial, calibrated on the Python FAQ."""
@@ -454,7 +537,9 @@ class SmolLM2Task(Task):
         import models
 
         path = models.build(self.recipe)
-        self.windows = models.text_windows(self.recipe, "tutorial", self.args.windows, self.args.window_len)
+        n, amp = self.args.windows, self.args.amp_windows
+        windows = models.text_windows(self.recipe, "tutorial", n + amp, self.args.window_len)
+        self.windows, self.amp_windows = windows[:n], windows[n : n + amp]
         calib_windows = models.text_windows(self.recipe, "faq", self.samples, self.args.window_len)
         return path, [models.causal_lm_feed(w[None, :]) for w in calib_windows]
 
@@ -466,12 +551,13 @@ class SmolLM2Task(Task):
             f"Python tutorial ({self.args.windows * (n - 1)} predicted tokens)",
         )
 
-    def evaluate(self, path: Path, fp32: bool) -> dict[str, float]:
+    def perplexity(self, path: Path, windows: np.ndarray) -> float:
+        """Perplexity of the model at ``path`` over ``windows``."""
         import models
 
         sess = session(path, self.args.threads)
         nll, count = 0.0, 0
-        for window in tqdm(self.windows, desc="smollm2 windows", unit="window", leave=False):
+        for window in tqdm(windows, desc="smollm2 windows", unit="window", leave=False):
             ids = window[None, :]
             logits = sess.run(["logits"], _select(models.causal_lm_feed(ids), sess))[0][0, :-1]
             logits = logits.astype(np.float64)
@@ -479,7 +565,19 @@ class SmolLM2Task(Task):
             lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
             nll += float((lse - logits[np.arange(len(logits)), window[1:]]).sum())
             count += len(logits)
-        ppl = math.exp(nll / count)
+        return math.exp(nll / count)
+
+    def amp_budget(self) -> tuple[Callable[[Path], float], float, str, dict[str, Any]]:
+        pct = self.args.amp_ppl_pct
+        what = (
+            f"perplexity within +{pct}% on tutorial windows {self.args.windows}..."
+            f"{self.args.windows + len(self.amp_windows) - 1} (after the test windows)"
+        )
+        extra = {"eval_samples": 2, "diff_samples": 2, "refine": False}
+        return lambda p: -math.log(self.perplexity(p, self.amp_windows)), math.log1p(pct / 100), what, extra
+
+    def evaluate(self, path: Path, fp32: bool) -> dict[str, float]:
+        ppl = self.perplexity(path, self.windows)
         if fp32:
             self.ref_ppl = ppl
             if self.args.windows == 16 and self.args.window_len == 512:
@@ -504,8 +602,10 @@ class CNNTask(Task):
         import models
 
         path = models.build(self.recipe)
-        x_train, _, self.x_test, self.y_test = models.digits_split()
+        x_train, y_train, self.x_test, self.y_test = models.digits_split()
         picks = np.random.default_rng(self.args.seed).choice(len(x_train), self.samples, replace=False)
+        rest = np.setdiff1d(np.arange(len(x_train)), picks)
+        self.x_amp, self.y_amp = x_train[rest], y_train[rest]
         recorded = json.loads((path.parent / "metrics.json").read_text())["fp32_top1_accuracy"]
         self.notes.append(f"fp32 top-1 recorded at build: {recorded:.4f}")
         return path, [{"input": x_train[int(i) : int(i) + 1].copy()} for i in picks]
@@ -523,6 +623,13 @@ class CNNTask(Task):
         if fp32:
             self.ref_acc = acc
         return {"top1": acc, "drop_points": 100 * (acc - self.ref_acc)}
+
+    def amp_budget(self) -> tuple[Callable[[Path], float], float, str, dict[str, Any]]:
+        import models
+
+        points = self.args.amp_points
+        what = f"top-1 drop <= {points} points on the {len(self.y_amp)} training images not calibrated on"
+        return lambda p: 100 * models.onnx_top1(p, self.x_amp, self.y_amp), points, what, {}
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MiniLMTask, SmolLM2Task, CNNTask)}
@@ -545,8 +652,11 @@ def run_contender(task: Task, contender: Contender, fp32: Path, calib: list[Feed
             path = out_dir / "model.onnx"
             log.info("%s: quantizing with %s ...", task.name, contender.label)
             t0 = time.perf_counter()
+            quantize = contender.quantize
+            if getattr(quantize, "needs_task", False):
+                quantize = quantize(task)  # type: ignore[call-arg,assignment]
             with _working_dir(out_dir):  # ORT's failed symbolic shape inference drops files in the cwd
-                row.notes.update(contender.quantize(fp32, calib, path))
+                row.notes.update(quantize(fp32, calib, path))
             row.quantize_s = time.perf_counter() - t0
             gc.collect()
         row.size = model_size(path)
@@ -656,6 +766,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="minilm evaluation batch size")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of splits and calibration picks")
+    p.add_argument("--amp-points", type=float, default=0.1, help="onnxq-amp: max accuracy drop (points)")
+    p.add_argument("--amp-ppl-pct", type=float, default=3.0, help="onnxq-amp: smollm2 ppl rise (%%)")
+    p.add_argument("--amp-windows", type=int, default=4, help="onnxq-amp: smollm2 evaluation windows")
     p.add_argument("--json", metavar="OUT.json", help="write every number here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)

@@ -1,0 +1,180 @@
+"""Weight-only quantization: ``onnxq.quantize(model, config=QuantConfig.weight_only(...))``.
+
+No calibration data: weights are quantized round-to-nearest from their own values, activations
+stay float. The pipeline is short:
+
+    load (weights stay memory-mapped in the file) → opset upgrade (21; 23 for float4e2m1; 25 for
+    int2/uint2) → Constant → initializer, unused-node removal, naming → WeightOnlyQuantize (one
+    weight at a time, each released after use) → check → save → fidelity (only when samples are
+    given).
+
+Integer types are symmetric when signed (no zero point) and asymmetric when unsigned (a zero point
+per block). What is emitted for MatMul, Gemm and Gather, and how ONNX Runtime runs it, is in
+:mod:`onnxq.passes.weight_only`; the arithmetic in :mod:`onnxq.lowbit` and :mod:`onnxq.codebook`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, RemoveUnusedNodesPass
+
+from onnxq.config import Codebook, PerTensor, QuantConfig
+from onnxq.errors import ConfigError, OnnxqError, QuantizationError
+from onnxq.lowbit import WEIGHT_TYPES
+from onnxq.model_io import load_model, save_model
+from onnxq.passes.upgrade_opset import UpgradeOpset
+from onnxq.passes.weight_only import WeightOnlyQuantize
+from onnxq.result import FloatNode, QuantizationResult, QuantizationSummary
+
+log = logging.getLogger(__name__)
+
+# ONNX IR version each opset needs (onnx.helper.VERSION_TABLE).
+_IR_VERSION = {21: 10, 22: 10, 23: 11, 24: 11, 25: 11}
+
+
+def required_opset(config: QuantConfig) -> int:
+    """The default-domain opset a weight-only config's DequantizeLinear needs."""
+    w = config.weights
+    if isinstance(w, Codebook):
+        return 21  # Cast from uint4
+    return WEIGHT_TYPES[w.dtype].min_opset
+
+
+def is_weight_only(config: QuantConfig) -> bool:
+    """Whether ``config`` asks for weight-only quantization (``activations=None``)."""
+    return config.activations is None
+
+
+def _excluder(config: QuantConfig):
+    def reason(node: ir.Node) -> str:
+        if config.op_types is not None and node.op_type not in config.op_types:
+            return f"{node.op_type} not in config.op_types"
+        if node.op_type in config.exclude_op_types:
+            return f"{node.op_type} excluded by config"
+        if any(fnmatch.fnmatchcase(node.name or "", pat) for pat in config.exclude_nodes):
+            return f"node {node.name} excluded by name"
+        if config.exclude_if is not None and config.exclude_if(node):
+            return f"node {node.name} excluded by predicate"
+        return ""
+
+    return reason
+
+
+def _upgrade(model: ir.Model, opset: int) -> int | None:
+    """Raise the default opset to ``opset`` (onnxscript's converter up to 21, then the import is
+    raised: 22-25 changed no op an exported transformer uses in a way that matters here, and the
+    checker verifies the result)."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", opset))
+    if version >= opset:
+        return None
+    up = UpgradeOpset(min(opset, 21))
+    up(model)
+    if opset > 21:
+        model.opset_imports[""] = opset
+    model.ir_version = max(model.ir_version or 0, _IR_VERSION.get(opset, 10))
+    return version
+
+
+def quantize_weight_only(
+    model: Any,
+    config: QuantConfig,
+    output: Path | None,
+    calib_data: Any = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Weight-only quantization of ``model`` (see the module docstring); ``output=None`` keeps the
+    result in memory. ``calib_data``, when given, only feeds the fidelity check."""
+    from onnxq import pipeline  # the static pipeline's helpers (it imports this module lazily)
+
+    if isinstance(config.weights, Codebook):
+        pass
+    elif isinstance(config.weights.granularity, PerTensor):
+        raise ConfigError(
+            "weight-only quantization needs PerBlock(size) or PerChannel() weights, not PerTensor()"
+        )
+    ir_model = load_model(model)
+    pipeline._reject_quantized(ir_model)
+    size_before = pipeline._size_of(model, ir_model)
+    samples = None
+    if calib_data is not None and config.fidelity:
+        from onnxq.data import model_inputs, peek_samples
+
+        _, samples = peek_samples(calib_data, model_inputs(ir_model), pipeline.FIDELITY_SAMPLES)
+    references = _fp32_outputs(model, ir_model, samples) if samples is not None else ([], [])
+    wo = WeightOnlyQuantize(config.weights, config.weight_format, _excluder(config))
+    try:
+        upgraded = _upgrade(ir_model, required_opset(config))
+        ir.passes.PassManager(
+            [
+                LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+                RemoveUnusedNodesPass(),
+                NameFixPass(),
+                wo,
+            ]
+        )(ir_model)
+    except OnnxqError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"weight-only quantization failed: {pipeline._root_cause(exc)}") from exc
+    if any(n.domain == "com.microsoft" for n in ir_model.graph):
+        ir_model.opset_imports.setdefault("com.microsoft", 1)
+    ir_model.producer_name, ir_model.producer_version = "onnxq", pipeline._version()
+    if output is not None:
+        save_model(ir_model, output, verify=pipeline.check_model_file)
+        size_after = pipeline._file_size(output)
+    else:
+        pipeline._check_in_memory(ir_model)
+        size_after = ir.to_proto(ir_model).ByteSize()
+    fidelity = pipeline.measure_fidelity(output or ir_model, *references) if references[0] else ()
+    notes = [f"weight-only: {_describe(config)}; largest float weight {wo.largest_weight / 1e6:.1f} MB"]
+    summary = QuantizationSummary(
+        quantized_nodes=dict(sorted(wo.quantized.items())),
+        float_nodes=tuple(FloatNode(name, "weight", reason) for name, reason in wo.skipped.items()),
+        size_before=size_before,
+        size_after=size_after,
+        calibration_samples=0,
+        fidelity=fidelity,
+        fidelity_samples=len(references[0]),
+        opset_upgraded_from=upgraded,
+        notes=tuple(notes),
+    )
+    return QuantizationResult(output, ir_model, summary)
+
+
+def _describe(config: QuantConfig) -> str:
+    w = config.weights
+    if isinstance(w, Codebook):
+        return f"codebook {w.kind} ({w.bits}-bit indices, block {w.block_size})"
+    gran = w.granularity
+    return f"{w.dtype} {type(gran).__name__}{getattr(gran, 'size', '')}, {config.weight_format}"
+
+
+def _fp32_outputs(model: Any, ir_model: ir.Model, samples) -> tuple[list, list]:
+    """The first samples and the float model's outputs on them (for the fidelity check)."""
+    import onnxruntime as ort
+
+    from onnxq.calibrate import session_options
+
+    if isinstance(model, str | os.PathLike) and Path(model).is_file():
+        sess = ort.InferenceSession(str(model), session_options(), providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(
+            ir.to_proto(ir_model).SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
+    names = [o.name for o in sess.get_outputs()]
+    inputs, outputs = [], []
+    for sample in samples:
+        inputs.append(sample)
+        outputs.append(dict(zip(names, sess.run(names, sample), strict=True)))
+    del sess
+    return inputs, outputs
+
+
+__all__ = ["is_weight_only", "quantize_weight_only", "required_opset"]
+

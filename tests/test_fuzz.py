@@ -1,0 +1,67 @@
+"""Fuzzing: random valid graphs of the ops onnxq handles, random configs and data.
+
+Every case must end in one of two ways: an :class:`onnxq.OnnxqError` (a clear answer), or a model
+that passes ``onnx.checker``'s full check and runs on ONNX Runtime's CPU EP with the same input.
+Any other exception is a bug. CI runs ``ONNXQ_FUZZ_EXAMPLES`` cases (default 150); ``tools/fuzz.py``
+runs 10,000.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import onnxq
+from onnxq.config import PerTensor, QuantConfig, QuantSpec
+from tests.fuzz_graphs import graphs
+
+EXAMPLES = int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "150"))
+
+
+@st.composite
+def configs(draw) -> QuantConfig:
+    config = QuantConfig(target=draw(st.sampled_from(["cpu", "cpu", "qnn", "tensorrt", "openvino"])))
+    if draw(st.booleans()):
+        config = config.with_changes(weights=QuantSpec("int8", True, PerTensor()))
+    if draw(st.integers(0, 3)) == 0:
+        config = config.with_changes(exclude_op_types=(draw(st.sampled_from(["MatMul", "Conv", "Add"])),))
+    if draw(st.integers(0, 3)) == 0:
+        config = config.with_changes(smoothing=None)
+    return config
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+@given(case=graphs(), config=configs(), poison=st.integers(0, 19), samples=st.integers(1, 3))
+def test_onnxq_answers_every_graph(case, config, poison, samples, tmp_path_factory) -> None:
+    model, x = case
+    onnx.checker.check_model(model, full_check=True)  # the generator only builds valid models
+    feeds = [{"x": x * (i + 1)} for i in range(samples)]
+    if poison == 0:
+        feeds[0]["x"] = np.full_like(x, np.nan)
+    folder = tmp_path_factory.mktemp("fuzz")
+    output = folder / "model.quant.onnx"
+    # Kept for reproducing a failure: the input model, its data and the config.
+    onnx.save(model, str(folder / "model.onnx"))
+    np.savez(folder / "feeds.npz", x=np.stack([f["x"] for f in feeds]))
+    (folder / "config.json").write_text(config.to_json())
+    try:
+        onnxq.quantize(model, feeds, config=config, output=output, progress=False)
+    except onnxq.OnnxqError as exc:
+        event(f"refused: {type(exc).__name__}: {str(exc)[:60]}")
+        assert not output.exists()
+        return
+    event("quantized")
+    assert poison != 0, "NaN calibration data must be refused"
+    onnx.checker.check_model(str(output), full_check=True)
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (out, *_) = session.run(None, {"x": x})
+    assert out is not None
