@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import onnxq
-from onnxq.config import PerTensor, QuantConfig, QuantSpec
+from onnxq.config import Codebook, Dynamic, PerTensor, QuantConfig, QuantSpec
 from tests.fuzz_graphs import graphs
 
 EXAMPLES = int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "150"))
@@ -25,6 +25,18 @@ EXAMPLES = int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "150"))
 
 @st.composite
 def configs(draw) -> QuantConfig:
+    """Static configs for every target, dynamic ones, and weight-only ones of every weight type."""
+    kind = draw(st.sampled_from(["static", "static", "static", "dynamic", "weight-only"]))
+    if kind == "dynamic":
+        return QuantConfig(target=draw(st.sampled_from(["cpu", "openvino"])), calibration=Dynamic())
+    if kind == "weight-only":
+        if draw(st.integers(0, 4)) == 0:
+            return QuantConfig.weight_only(codebook=Codebook(draw(st.sampled_from(["nf4", "log", "kmeans"]))))
+        dtype = draw(st.sampled_from(["int8", "int4", "uint4", "int2", "float8e4m3fn"]))
+        block = draw(st.sampled_from([None, 2, 4, 32]))
+        return QuantConfig.weight_only(
+            dtype, block, weight_format=draw(st.sampled_from(["dequantize_linear", "matmul_nbits"]))
+        )
     config = QuantConfig(target=draw(st.sampled_from(["cpu", "cpu", "qnn", "tensorrt", "openvino"])))
     if draw(st.booleans()):
         config = config.with_changes(weights=QuantSpec("int8", True, PerTensor()))
