@@ -36,7 +36,7 @@ class PrequantizeWeights(ir.passes.InPlacePass):
                 axis += array.ndim
             flat = array.reshape(-1) if array.ndim == 0 else array  # numpy's out= needs an array, not 0-d
             q = quantize(flat, scale, zero_point, axis).reshape(array.shape)
-            del array
+            del array, flat  # no view of the mapped weight may outlive it, or it cannot be unmapped
             release(weight)
             q_value = add_initializer(graph, namer(f"{weight.name}_quantized"), q)
             node.outputs[0].replace_all_uses_with(q_value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
@@ -102,3 +103,26 @@ def test_q_of_activation_is_kept() -> None:
     model = to_ir(proto)
     assert not PrequantizeWeights()(model).modified
     assert op_types(model) == ["QuantizeLinear", "DequantizeLinear"]
+
+
+def test_every_file_backed_weight_is_unmapped_as_soon_as_it_is_quantized(
+    model_path, calib_feeds, tmp_path, monkeypatch
+) -> None:
+    """``release`` must succeed for every weight (no numpy view of the mapped bytes still alive),
+    otherwise every weight of a large model stays mapped until the end of the run."""
+    import onnxq
+    from onnxq.passes import prequantize_weights
+
+    released = []
+
+    def strict_release(value):  # like passes._util.release, but a live view is an error
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()  # raises BufferError while a view of its mapping is alive
+            released.append(value.name)
+
+    monkeypatch.setattr(prequantize_weights, "release", strict_release)
+    onnxq.quantize(
+        model_path("tiny-bert"), calib_feeds("tiny-bert", 2), output=tmp_path / "q.onnx", progress=False
+    )
+    assert len(released) > 10
