@@ -5,9 +5,14 @@
 was, but makes ``X`` far easier to quantize per tensor while ``W`` is quantized per output column.
 
 Guarantees: only activations whose every quantized use is a MatMul's first input with a constant,
-quantized, unshared 2-D weight are candidates; their other (float) uses keep reading ``X``. The
-smoothed tensor ``X · s⁻¹`` is a new ``Mul`` output that takes over ``X``'s place in the plan, with
-the exact MinMax range of ``X · s⁻¹`` from per-channel statistics. A tensor is smoothed only when
+quantized, unshared 2-D weight are candidates; their other (float) uses keep reading ``X``. Where
+the MatMuls are ``X``'s only readers and ``X`` comes out of a per-channel affine step, ``s⁻¹`` is
+folded into it and the graph gains no op: a LayerNorm/RMSNorm's ``gamma`` (and ``beta``) — as a
+``LayerNormalization`` node or decomposed into ``Mul(·, gamma)`` [``Add(·, beta)``] — or, for
+``X = a · b`` (a gated MLP's ``silu(gate) · up``), the output columns of the constant-weight MatMul
+(and bias) that produces ``b``. Otherwise the smoothed tensor is a new ``Mul(X, s⁻¹)`` that takes
+over ``X``'s place in the plan. Either way its range is the exact MinMax range of ``X · s⁻¹`` from
+per-channel statistics. A tensor is smoothed only when
 the expected squared error of its quantized MatMuls (activation rounding plus weight rounding,
 from per-channel mean squares) goes down.
 """
@@ -133,8 +138,112 @@ def choose_scales(
     return chosen
 
 
+def _per_channel_constant(value: ir.Value | None, k: int) -> np.ndarray | None:
+    """The array of a constant that scales/shifts the last axis channel by channel (size ``k``)."""
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    array = value.const_value.numpy()
+    if array.dtype.kind != "f" or array.shape[-1:] != (k,) or array.size != k:
+        return None
+    return array
+
+
+def _only_use(value: ir.Value | None, node: ir.Node) -> bool:
+    return value is not None and not value.is_graph_output() and [u.node for u in value.uses()] == [node]
+
+
+def _divide(graph: ir.Graph, namer: Namer, node: ir.Node, index: int, s: np.ndarray, axis: int = -1) -> None:
+    """Divide constant input ``index`` of ``node`` by ``s`` along ``axis``: in place when ``node`` is
+    its only reader (the name, which the plan may refer to, is kept), else as a new initializer so
+    the other readers see the constant as it was."""
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None
+    array = value.const_value.numpy()
+    shape = [1] * array.ndim
+    shape[axis] = s.size
+    scaled = (array / s.reshape(shape)).astype(array.dtype)
+    if [u.node for u in value.uses()] == [node]:
+        value.const_value = ir.Tensor(scaled, name=value.name)
+    else:
+        node.replace_input_with(index, add_initializer(graph, namer(f"{value.name}_smoothed"), scaled))
+
+
+def fold_into_producer(
+    graph: ir.Graph, namer: Namer, x: ir.Value, readers: list[ir.Node], s: np.ndarray
+) -> str | None:
+    """Divide ``x``'s channels by ``s`` inside the node that produces it (see the module docstring);
+    returns what was folded into, or None when no fold applies (nothing is changed then)."""
+    if x.is_graph_output() or sorted(id(u.node) for u in x.uses()) != sorted(id(n) for n in readers):
+        return None
+    node, k = x.producer(), s.size
+    if node is None:
+        return None
+    if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) in (
+        -1,
+        len(x.shape or ()) - 1,
+    ):
+        extra = [i for i in (1, 2) if len(node.inputs) > i and node.inputs[i] is not None]
+        if all(_per_channel_constant(node.inputs[i], k) is not None for i in extra):
+            for i in extra:
+                _divide(graph, namer, node, i, s)
+            return f"LayerNormalization {node.name}"
+    if node.op_type == "Add":
+        for c in (0, 1):
+            other = node.inputs[1 - c]
+            mul = other.producer() if other is not None else None
+            if (
+                _per_channel_constant(node.inputs[c], k) is not None
+                and mul is not None
+                and mul.op_type == "Mul"
+                and _only_use(other, node)
+            ):
+                g = next((i for i in (0, 1) if _per_channel_constant(mul.inputs[i], k) is not None), None)
+                if g is not None:
+                    _divide(graph, namer, node, c, s)
+                    _divide(graph, namer, mul, g, s)
+                    return f"norm {mul.name} + {node.name}"
+    if node.op_type == "Mul":
+        g = next((i for i in (0, 1) if _per_channel_constant(node.inputs[i], k) is not None), None)
+        if g is not None:
+            _divide(graph, namer, node, g, s)
+            return f"norm scale {node.name}"
+        for i in (0, 1):  # X = a · b: scale b's producing MatMul (and its bias)
+            b = node.inputs[i]
+            producer = b.producer() if b is not None else None
+            if producer is None or not _only_use(b, node):
+                continue
+            bias = None
+            if producer.op_type == "Add":
+                c = next(
+                    (j for j in (0, 1) if _per_channel_constant(producer.inputs[j], k) is not None), None
+                )
+                inner = producer.inputs[1 - c] if c is not None else None
+                matmul = inner.producer() if inner is not None else None
+                if c is None or matmul is None or not _only_use(inner, producer):
+                    continue
+                bias = (producer, c)
+            else:
+                matmul = producer
+            w = matmul.inputs[1] if matmul.op_type == "MatMul" and len(matmul.inputs) > 1 else None
+            if (
+                w is None
+                or w.const_value is None
+                or not w.is_initializer()
+                or w.const_value.shape[-1:] != (k,)
+            ):
+                continue
+            if len(w.const_value.shape) != 2:
+                continue
+            _divide(graph, namer, matmul, 1, s, axis=1)
+            if bias is not None:
+                _divide(graph, namer, bias[0], bias[1], s)
+            return f"MatMul {matmul.name}"
+    return None
+
+
 class SmoothActivations(ir.passes.InPlacePass):
-    """Insert ``Mul(X, 1/s)`` before the chosen MatMuls, scale their weights, update plan and ranges."""
+    """Scale the chosen MatMuls' weights by ``s`` and divide their input by ``s``: folded into its
+    producer where possible, else by a new ``Mul(X, 1/s)``; the plan and ranges follow."""
 
     def __init__(
         self,
@@ -147,6 +256,7 @@ class SmoothActivations(ir.passes.InPlacePass):
         super().__init__()
         self.plan, self.ranges, self.stats = plan, ranges, stats
         self.candidates, self.scales = candidates, scales
+        self.folded: dict[str, str] = {}  # smoothed tensor -> the node its 1/s was folded into
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.scales:
@@ -157,6 +267,15 @@ class SmoothActivations(ir.passes.InPlacePass):
             cand = self.candidates[name]
             x = cand.nodes[0].inputs[0]
             assert x is not None
+            for weight in cand.weights:
+                w = weight.const_value.numpy()
+                weight.const_value = ir.Tensor((w * s[:, None]).astype(w.dtype), name=weight.name)
+            folded = fold_into_producer(graph, namer, x, cand.nodes, s)
+            if folded is not None:
+                self.ranges[name] = smoothed_range(self.stats[name], s)
+                self.folded[name] = folded
+                log.info("smoothed %s (alpha %.2f) folded into %s", name, alpha, folded)
+                continue
             inv = add_initializer(graph, namer(f"{name}_smooth_inv"), (1.0 / s).astype(np.float32))
             mul = ir.node("Mul", [x, inv], name=namer(f"{name}_smooth"))
             mul.outputs[0].name = namer(f"{name}_smoothed")
@@ -164,9 +283,6 @@ class SmoothActivations(ir.passes.InPlacePass):
             graph.insert_before(cand.nodes[0], mul)  # the first reader in topological order
             for node in cand.nodes:
                 node.replace_input_with(0, mul.outputs[0])
-            for weight in cand.weights:
-                w = weight.const_value.numpy()
-                weight.const_value = ir.Tensor((w * s[:, None]).astype(w.dtype), name=weight.name)
             new = mul.outputs[0].name
             tensor = self.plan.activations.pop(name)
             tensor.name = new

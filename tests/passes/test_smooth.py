@@ -232,3 +232,73 @@ def test_smoothing_helps_the_real_minilm(model_path, calib_feeds, tmp_path) -> N
     assert default.fidelity[0].name == "last_hidden_state"
     assert default.fidelity[0].cosine > off.fidelity[0].cosine, (default.fidelity, off.fidelity)
     assert default.fidelity[0].sqnr_db > off.fidelity[0].sqnr_db
+
+
+def fold_model(kind: str, seed: int = 0) -> onnx.ModelProto:
+    """``h`` read only by MatMuls, with outlier channels, produced by a foldable affine step:
+    ``"layernorm"`` (LayerNormalization gamma/beta), ``"decomposed"`` (``Mul(norm, gamma) + beta``),
+    ``"rmsnorm"`` (``Mul(norm, gamma)``) or ``"gated"`` (``relu(x @ Wg) · (x @ Wu + bu)``)."""
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(K, np.float32)
+    gamma[OUTLIER_CHANNELS] = 50.0
+    inits = {
+        "gamma": gamma,
+        "beta": (0.1 * rng.normal(size=K)).astype(np.float32),
+        "W1": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32),
+        "W2": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32),
+    }
+    if kind == "layernorm":
+        nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1)]
+    elif kind in ("decomposed", "rmsnorm"):
+        inits["axes"] = np.array([-1], np.int64)
+        inits["eps"] = np.array(1e-5, np.float32)
+        nodes = [
+            helper.make_node("Mul", ["x", "x"], ["sq"]),
+            helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+            helper.make_node("Add", ["ms", "eps"], ["mse"]),
+            helper.make_node("Sqrt", ["mse"], ["rms"]),
+            helper.make_node("Div", ["x", "rms"], ["norm"]),
+            helper.make_node(
+                "Mul", ["norm", "gamma"], ["h" if kind == "rmsnorm" else "scaled"], name="norm_scale"
+            ),
+        ]
+        if kind == "decomposed":
+            nodes.append(helper.make_node("Add", ["scaled", "beta"], ["h"], name="norm_shift"))
+    else:
+        inits["Wg"] = (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32)
+        inits["Wu"] = ((rng.normal(size=(K, K)) / np.sqrt(K)) * gamma).astype(np.float32)
+        nodes = [
+            helper.make_node("MatMul", ["x", "Wg"], ["g"], name="gate"),
+            helper.make_node("Relu", ["g"], ["act"]),
+            helper.make_node("MatMul", ["x", "Wu"], ["u0"], name="up"),
+            helper.make_node("Add", ["u0", "beta"], ["u"], name="up_bias"),
+            helper.make_node("Mul", ["act", "u"], ["h"], name="gated"),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["h", "W1"], ["y1"], name="mm1"),
+        helper.make_node("MatMul", ["h", "W2"], ["y2"], name="mm2"),
+        helper.make_node("Add", ["y1", "y2"], ["out"], name="sum"),
+    ]
+    shape = [1, S, K]
+    return make_model(nodes, [tensor_info("x", shape=shape)], [tensor_info("out", shape=shape)], inits)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "decomposed", "rmsnorm", "gated"])
+def test_smoothing_folds_into_the_producer_and_adds_no_op(kind: str) -> None:
+    proto = fold_model(kind)
+    model, _, scales, ranges = smooth_only(proto)
+    assert set(scales) == {"h"}
+    smoothed = ir.to_proto(model)
+    prepared = ir.to_proto(prepare(proto)[0])
+    assert len(smoothed.graph.node) == len(prepared.graph.node)  # folded: no Mul was added
+    for feed in HELD_OUT:
+        want, got = run(proto, feed)[0], run(smoothed, feed)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    # h itself now holds x/s, and its range is the exact range of that
+    h = activations_of(smoothed, "h")
+    assert ranges["h"] == pytest.approx((h.min(), h.max()), rel=1e-4, abs=1e-5)
+    assert (
+        np.abs(h[:, OUTLIER_CHANNELS]).max() < np.abs(activations_of(proto, "h")[:, OUTLIER_CHANNELS]).max()
+    )
+    # and the quantized model is as accurate as with a Mul
+    assert output_sqnr(proto, onnxq.quantize(proto, CALIB, progress=False).model) > 25
