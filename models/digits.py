@@ -252,3 +252,70 @@ def build_cnn_digits_constants(out_dir: Path, trained_dir: Path) -> None:
         out_dir,
         {"fp32_top1_accuracy": acc, "n_test": N_TEST, "max_abs_diff_vs_cnn_digits": diff},
     )
+
+
+UNBALANCE_SEED = 0
+UNBALANCE_DECADES = 2.0
+"""Channel factors of ``cnn-digits-unbalanced`` are ``10 ** uniform(-2, 2)``: 0.01 .. 100."""
+
+
+def unbalance_channels(model: Any, seed: int = UNBALANCE_SEED, decades: float = UNBALANCE_DECADES) -> Any:
+    """Return ``model`` (the ``cnn-digits`` graph, an ``onnx.ModelProto``) with the output channels of
+    its first two Conv+BN blocks scaled by ``f_c = 10 ** uniform(-decades, decades)`` (through the BN
+    ``gamma`` and ``beta``) and the matching input channels of the next Conv by ``1 / f_c``, in place.
+
+    Relu and MaxPool commute with positive per-channel factors, so the float function is unchanged
+    (up to float32 rounding); the weight ranges of the scaled Convs then span ``10 ** (2 decades)``,
+    which per-tensor weight quantization cannot hold. Returns ``{bn_name: factors}`` too.
+    """
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    factors: dict[str, np.ndarray] = {}
+    for first, second in [(convs[0], convs[1]), (convs[1], convs[2])]:
+        bn = next(n for n in nodes if n.op_type == "BatchNormalization" and n.input[0] == first.output[0])
+        channels = numpy_helper.to_array(inits[bn.input[1]]).shape[0]
+        f = 10.0 ** rng.uniform(-decades, decades, size=channels)
+        for name in bn.input[1:3]:  # gamma, beta
+            arr = numpy_helper.to_array(inits[name]).astype(np.float64) * f
+            inits[name].CopyFrom(numpy_helper.from_array(arr.astype(np.float32), name))
+        w = numpy_helper.to_array(inits[second.input[1]]).astype(np.float64) / f[None, :, None, None]
+        inits[second.input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), second.input[1]))
+        factors[bn.name] = f
+    return model, factors
+
+
+def build_cnn_digits_unbalanced(out_dir: Path, trained_dir: Path) -> None:
+    """Write ``cnn-digits`` with deliberately unbalanced channel ranges (:func:`unbalance_channels`).
+
+    Guarantees: same interface as ``cnn-digits``, logits within 1e-3 of it on the test split (float32
+    rounding of the scaled weights), same fp32 top-1.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model, _ = unbalance_channels(onnx.load(str(trained_dir / "model.onnx")))
+    path = out_dir / "model.onnx"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    _, _, x_test, y_test = digits_split()
+    ref = ort.InferenceSession(str(trained_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diff = float(np.abs(ref.run(None, {"input": x_test})[0] - new.run(None, {"input": x_test})[0]).max())
+    if diff > 1e-3:
+        raise RuntimeError(f"unbalanced cnn-digits differs from cnn-digits by {diff}")
+    acc = onnx_top1(path, x_test, y_test)
+    logger.info("cnn-digits-unbalanced: fp32 test top-1 %.4f (max |diff| %.2e)", acc, diff)
+    _write_metrics(
+        out_dir,
+        {
+            "fp32_top1_accuracy": acc,
+            "n_test": N_TEST,
+            "max_abs_diff_vs_cnn_digits": diff,
+            "channel_factors": f"10 ** uniform(-{UNBALANCE_DECADES}, {UNBALANCE_DECADES}), "
+            f"seed {UNBALANCE_SEED}",
+        },
+    )

@@ -258,6 +258,14 @@ def _write_cnn_digits_constants(out_dir: Path) -> None:
     digits.build_cnn_digits_constants(out_dir, trained)
 
 
+def _write_cnn_digits_unbalanced(out_dir: Path) -> None:
+    """Build ``cnn-digits`` first (cached), then unbalance its channel ranges (same float function)."""
+    from . import build
+
+    trained = build("cnn-digits").parent
+    digits.build_cnn_digits_unbalanced(out_dir, trained)
+
+
 _TINY_SEQ = 16
 
 RECIPES: dict[str, Recipe] = {
@@ -335,6 +343,13 @@ RECIPES: dict[str, Recipe] = {
             "cnn-digits' trained weights at opset 11, every weight a Constant node (no initializers)",
             "image",
             _write_cnn_digits_constants,
+        ),
+        Recipe(
+            "cnn-digits-unbalanced",
+            "cnn-digits with channel ranges of its first two Conv blocks scaled by 0.01..100 and the "
+            "next Convs' inputs by the inverse (same float function; hard for per-tensor weights)",
+            "image",
+            _write_cnn_digits_unbalanced,
         ),
         Recipe(
             "minilm-real",

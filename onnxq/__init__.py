@@ -6,8 +6,12 @@ the same names (those stay in ``sys.modules``); torch, transformers and optimum 
 """
 
 from onnxq.config import (
+    AWQ,
+    GPTQ,
     MSE,
+    BiasCorrection,
     Codebook,
+    CrossLayerEqualization,
     Dynamic,
     Entropy,
     MinMax,
@@ -39,10 +43,14 @@ from onnxq.validate import Tolerances, ValidationReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWQ",
+    "GPTQ",
     "MSE",
+    "BiasCorrection",
     "CalibrationDataError",
     "Codebook",
     "ConfigError",
+    "CrossLayerEqualization",
     "DiffReport",
     "Dynamic",
     "Entropy",

@@ -112,17 +112,44 @@ class ChannelStats:
 
 
 @dataclass
+class ChannelMean:
+    """Running per-channel mean of one tensor (one channel axis), weighted by the elements per channel
+    of each sample; ``update`` per sample, ``merge`` shards."""
+
+    sum: np.ndarray | None = None
+    count: int = 0
+
+    def update(self, mean: np.ndarray, rows: int) -> None:
+        part = np.asarray(mean, dtype=np.float64) * rows
+        self.sum = part if self.sum is None else self.sum + part
+        self.count += rows
+
+    def merge(self, other: ChannelMean) -> ChannelMean:
+        if other.sum is not None:
+            self.sum = other.sum.copy() if self.sum is None else self.sum + other.sum
+            self.count += other.count
+        return self
+
+    def mean(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / max(self.count, 1)
+
+
+@dataclass
 class CalibrationResult:
     """Ranges per tensor plus the fp32 outputs of the first samples (kept for the fidelity check)."""
 
     ranges: dict[str, tuple[float, float]]
     samples_seen: int
     channels: dict[str, ChannelStats] = field(default_factory=dict)
+    means: dict[str, ChannelMean] = field(default_factory=dict)
     kept_inputs: list[Sample] = field(default_factory=list)
     kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+# The fp32 outputs kept for the fidelity report stop at this size (a decoder's logits are ~100 MB a
+# sample): at least one sample is always kept.
+KEEP_BYTES = 256 * 2**20
 
 
 def return_large_blocks_promptly() -> None:
@@ -188,13 +215,20 @@ class _Augment:
     ``raw``) and removes them on exit."""
 
     def __init__(
-        self, model: ir.Model, tensors: list[str], raw: Iterable[str] = (), channels: Iterable[str] = ()
+        self,
+        model: ir.Model,
+        tensors: list[str],
+        raw: Iterable[str] = (),
+        channels: Iterable[str] = (),
+        means: Mapping[str, int] | None = None,
     ) -> None:
         self.model = model
         self.tensors = tensors
         self.raw = [name for name in raw if name not in {v.name for v in model.graph.outputs}]
         self.channels = list(channels)
         self.channel_names: dict[str, tuple[str, str, str, str]] = {}
+        self.means = dict(means or {})
+        self.mean_names: dict[str, tuple[str, str, int]] = {}
         self.nodes: list[ir.Node] = []
         self.outputs: list[ir.Value] = []
         self.axes: list[ir.Value] = []
@@ -234,6 +268,39 @@ class _Augment:
             self.outputs.append(shape.outputs[0])
             self.channel_names[name] = (triple[0], triple[1], triple[2], shape.outputs[0].name)
 
+    def _add_channel_means(self, graph: ir.Graph, values: dict[str, ir.Value]) -> None:
+        """ReduceMean over every axis but the channel axis (and a Shape), for ``means``."""
+        opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
+        for i, (name, axis) in enumerate(self.means.items()):
+            value = values.get(name)
+            if value is None or value.shape is None:
+                continue
+            rank = len(value.shape)
+            axis = axis % rank
+            axes = [a for a in range(rank) if a != axis]
+            node_name = f"onnxq_channel_mean_{i}"
+            if opset >= 18:
+                axes_value = ir.Value(
+                    name=f"{node_name}_axes", const_value=ir.tensor(np.array(axes, dtype=np.int64))
+                )
+                graph.register_initializer(axes_value)
+                self.axes.append(axes_value)
+                node = ir.node("ReduceMean", [value, axes_value], attributes={"keepdims": 0}, name=node_name)
+            else:
+                attrs = {"keepdims": 0, "axes": axes}
+                node = ir.node("ReduceMean", [value], attributes=attrs, name=node_name)
+            node.outputs[0].name = node_name
+            node.outputs[0].dtype = value.dtype
+            shape = ir.node("Shape", [value], name=f"{node_name}_Shape")
+            shape.outputs[0].name = f"{node_name}_Shape"
+            shape.outputs[0].dtype = ir.DataType.INT64
+            for n in (node, shape):
+                graph.append(n)
+                graph.outputs.append(n.outputs[0])
+                self.nodes.append(n)
+                self.outputs.append(n.outputs[0])
+            self.mean_names[name] = (node_name, shape.outputs[0].name, axis)
+
     def __enter__(self) -> dict[str, tuple[str, str]]:
         graph = self.model.graph
         values = {v.name: v for v in _all_values(graph)}
@@ -255,6 +322,7 @@ class _Augment:
         for name in self.raw:
             graph.outputs.append(values[name])
         self._add_channel_reductions(graph, values)
+        self._add_channel_means(graph, values)
         return names
 
     def __exit__(self, *exc: object) -> None:
@@ -307,13 +375,15 @@ def calibrate(
     keep: int = 16,
     progress: bool = True,
     channels: Iterable[str] = (),
+    means: Mapping[str, int] | None = None,
 ) -> CalibrationResult:
     """Run ``samples`` through the fp32 model and return the calibrated range of each of ``tensors``.
 
     ``tensors`` maps each tensor to its quantization spec; a spec's own ``calibration`` overrides
     ``method``. ``channels``: tensors whose per-channel (last axis) statistics are gathered too.
-    Memory does not grow with the number of samples. The first ``keep`` inputs and fp32 outputs are
-    kept for the fidelity report.
+    ``means``: tensor → channel axis, tensors whose per-channel mean is gathered too (``result.means``).
+    Memory does not grow with the number of samples. The first ``keep`` inputs and fp32 outputs (up to
+    :data:`KEEP_BYTES`) are kept for the fidelity report.
     """
     methods = {name: spec.calibration or method for name, spec in tensors.items()}
     minmax = {
@@ -325,7 +395,7 @@ def calibrate(
     }
     model_outputs = [v.name for v in model.graph.outputs]
     return_large_blocks_promptly()
-    augment = _Augment(model, list(tensors), hists, channels)
+    augment = _Augment(model, list(tensors), hists, channels, means)
     with augment as reduce_names:
         try:
             session = make_session(model, session_options(calibration=True))
@@ -338,9 +408,12 @@ def calibrate(
             + [n for p in reduce_names.values() for n in p]
             + list(hists)
             + [n for t in channel_names.values() for n in t]
+            + [n for t in augment.mean_names.values() for n in t[:2]]
         )
     )
     result = CalibrationResult({}, 0, {name: ChannelStats() for name in channel_names})
+    kept_bytes = 0
+    result.means = {name: ChannelMean() for name in augment.mean_names}
     bar = tqdm(samples, total=total, desc="calibrating", unit="sample", disable=not progress, leave=False)
     for sample in bar:
         try:
@@ -363,9 +436,14 @@ def calibrate(
             if named[lo].size:
                 rows = int(np.prod(named[shape][:-1]))
                 result.channels[tensor].update(named[lo], named[hi], named[sq], rows)
-        if len(result.kept_inputs) < keep:
+        for tensor, (mean, shape, axis) in augment.mean_names.items():
+            if named[mean].size:
+                dims = named[shape]
+                result.means[tensor].update(named[mean], int(np.prod(dims)) // max(int(dims[axis]), 1))
+        if len(result.kept_inputs) < keep and kept_bytes < KEEP_BYTES:  # few samples of LLM logits
             result.kept_inputs.append(sample)
             result.kept_outputs.append({n: named[n] for n in model_outputs})
+            kept_bytes += sum(named[n].nbytes for n in model_outputs)
         # Binned inline, each tensor released as soon as it is folded: one sample's activations at most.
         for name, observer in hists.items():
             values = named.pop(name)

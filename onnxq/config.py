@@ -97,6 +97,78 @@ class Codebook:
 
 
 @dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al. 2022) for integer weight-only configs: each MatMul/Gemm weight is
+    quantized one input feature (row of ``W [K, N]``) at a time and the rounding error is spread
+    over the rows not yet quantized through the inverse Hessian ``H = XᵀX`` of the weight's
+    activation input, gathered from the calibration data.
+
+    - ``damp``: ``damp · mean(diag H)`` is added to the diagonal before inverting.
+    - ``act_order``: quantize rows by ``diag H`` descending; scales are then computed beforehand
+      from the original weight (AutoGPTQ's ``static_groups``), so blocks keep the original order.
+    - ``block_size_columns``: rows updated together (lazy batch updates); no effect on the result
+      beyond float rounding.
+    - ``static_groups``: compute every block's scale before quantizing even without act-order
+      (``None``: only with act-order; otherwise each block's scale is computed when reached, from
+      the already error-corrected rows).
+    - ``clip_grid`` / ``max_shrink``: each block's range may shrink to ``1 - i / clip_grid`` of its
+      extremes (``i`` up to ``max_shrink · clip_grid``) where that lowers the Hessian-diagonal-
+      weighted rounding error of the block (``clip_grid=0``: plain RTN scales).
+    - ``awq``: run :class:`AWQ`'s scale search (and clip search) first, then GPTQ on the scaled
+      weights with the Hessians of the scaled activations (statistics from the same single pass).
+
+    Details: :mod:`onnxq.weight_algorithms`.
+    """
+
+    damp: float = 0.01
+    act_order: bool = True
+    block_size_columns: int = 128
+    static_groups: bool | None = None
+    clip_grid: int = 20
+    max_shrink: float = 0.2
+    awq: AWQ | None = None
+
+    def __post_init__(self) -> None:
+        if self.awq is not None and not isinstance(self.awq, AWQ):
+            raise ConfigError(f"GPTQ(awq=...) takes AWQ(...) or None, not {self.awq!r}")
+        if self.clip_grid < 0 or not 0.0 <= self.max_shrink < 1.0:
+            raise ConfigError("GPTQ(clip_grid=n, max_shrink=m) needs n >= 0 and 0 <= m < 1")
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError("GPTQ(damp=d) needs 0 <= d < 1 (a fraction of the mean Hessian diagonal)")
+        if not isinstance(self.block_size_columns, int) or self.block_size_columns < 1:
+            raise ConfigError("GPTQ(block_size_columns=n) needs an integer n >= 1")
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ (Lin et al. 2023) for integer weight-only configs: per activation shared by MatMuls
+    with constant weights, a per-channel scale ``s = mean|X|^α`` (α on ``grid`` points in [0, 1))
+    that minimises the error of the quantized MatMuls on sampled calibration rows; ``W`` rows are
+    multiplied by ``s`` and ``1/s`` is folded into the activation's producer (a Mul by a constant,
+    e.g. the RMSNorm/LayerNorm gamma, or the MatMul weight feeding a Mul such as the MLP's up
+    projection) or applied by an inserted ``Mul``. Then, with ``clip``, each block's range is
+    shrunk by the ratio (``clip_grid`` points down to ``1 - max_shrink``) that minimises the output
+    error per block and output channel. ``max_rows``: activation rows sampled per tensor
+    (deterministic reservoir). Details: :mod:`onnxq.weight_algorithms`.
+    """
+
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_rows: int = 512
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.clip_grid < 1 or self.max_rows < 1:
+            raise ConfigError("AWQ(grid, clip_grid, max_rows) must be positive integers")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ConfigError("AWQ(max_shrink=m) needs 0 <= m < 1")
+
+
+WeightAlgorithm = GPTQ | AWQ
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized: integer type, symmetric or not, and granularity.
 
@@ -223,6 +295,48 @@ class SmoothQuant:
 
 
 @dataclass(frozen=True)
+class CrossLayerEqualization:
+    """Cross-layer equalization (Nagel et al. 2019): for consecutive Conv/Gemm layers joined only by
+    positively homogeneous channel-wise ops (Relu, pooling, a 1:1 Flatten), output channel ``c`` of
+    the first is divided by ``s_c = sqrt(r1_c / r2_c)`` and input channel ``c`` of the second
+    multiplied by it (``r``: per-channel weight ranges), so both ranges become ``sqrt(r1_c r2_c)``
+    and the float function is unchanged. Sweeps over the chains until no factor moves by more than
+    ``tolerance`` (relative), at most ``max_iterations`` times. Data-free; runs after BatchNorm
+    folding, before the plan. Details: :mod:`onnxq.passes.equalize`.
+    """
+
+    max_iterations: int = 20
+    tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+            raise ConfigError("CrossLayerEqualization(max_iterations=n) needs an integer n >= 1")
+        if not self.tolerance > 0.0:
+            raise ConfigError("CrossLayerEqualization(tolerance=t) needs t > 0")
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Bias correction (Nagel et al. 2019; Finkelstein et al. 2019): the expected output shift of
+    each quantized Conv/Gemm caused by weight rounding, ``(Ŵ - W) · E[x]`` per output channel with
+    ``E[x]`` from the layer's fp32 input (gathered in the calibration pass), is
+    subtracted from the float bias before it is quantized. For a Conv, ``E[x]`` is the mean input
+    patch per channel and kernel tap (zero padding included, exact). ``ops``: the op types corrected
+    (Conv, Gemm). Details: :mod:`onnxq.passes.bias_correction`.
+    """
+
+    ops: tuple[str, ...] = ("Conv", "Gemm")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ops, str):
+            raise ConfigError("BiasCorrection(ops=...) must be a list of op types, not a single string")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        unknown = sorted(set(self.ops) - {"Conv", "Gemm"})
+        if unknown:
+            raise ConfigError(f"BiasCorrection corrects Conv and Gemm only, not {unknown}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides what onnxq does to a model.
 
@@ -259,6 +373,11 @@ class QuantConfig:
     num_samples: int | None = None
     fidelity: bool = True
     weight_format: Literal["dequantize_linear", "matmul_nbits"] = "dequantize_linear"
+    # Weight-only: GPTQ() / AWQ() instead of round-to-nearest (needs calibration data).
+    algorithm: WeightAlgorithm | None = None
+    # Conv chains: CrossLayerEqualization() / BiasCorrection() (None: off, the default).
+    equalization: CrossLayerEqualization | None = None
+    bias_correction: BiasCorrection | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -285,6 +404,7 @@ class QuantConfig:
             _check_dynamic(self)
         if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuant):
             raise ConfigError(f"smoothing must be SmoothQuant(...) or None, not {self.smoothing!r}")
+        _check_conv_chain_options(self)
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples must be a positive integer or None")
         for name in ("op_types", "exclude_nodes", "exclude_op_types"):
@@ -334,6 +454,11 @@ class QuantConfig:
                 value = None if value is None else {**asdict(value), "alphas": list(value.alphas)}
             elif f.name == "overrides":
                 value = {k: (None if v is None else _spec_to_dict(v)) for k, v in value.items()}
+            elif f.name in ("equalization", "bias_correction"):
+                value = None if value is None else {k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in asdict(value).items()}
+            elif f.name == "algorithm":
+                value = None if value is None else {"kind": type(value).__name__, **asdict(value)}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -364,6 +489,14 @@ class QuantConfig:
                 kwargs["overrides"] = {
                     k: (None if v is None else _spec_from_dict(v)) for k, v in kwargs["overrides"].items()
                 }
+            for key, cls_ in (("equalization", CrossLayerEqualization), ("bias_correction", BiasCorrection)):
+                if kwargs.get(key) is not None:
+                    if not isinstance(kwargs[key], Mapping):
+                        raise ConfigError(f"{key} must be an object (e.g. {{}}) or null")
+                    _check_keys(kwargs[key], {f.name for f in fields(cls_)}, key)
+                    kwargs[key] = cls_(**kwargs[key])
+            if kwargs.get("algorithm") is not None:
+                kwargs["algorithm"] = _algorithm_from_dict(kwargs["algorithm"])
             return cls(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"invalid config: {exc}") from None
@@ -403,7 +536,9 @@ class QuantConfig:
         """Weight-only quantization, no calibration data: ``dtype`` weights (``PerBlock(block_size)``,
         or per channel when ``block_size`` is None) or a ``codebook``; activations stay float.
         ``weight_format``: ``"dequantize_linear"`` (opset-21 blocked DequantizeLinear, which ORT fuses
-        into MatMulNBits) or ``"matmul_nbits"`` (``com.microsoft::MatMulNBits`` written directly)."""
+        into MatMulNBits) or ``"matmul_nbits"`` (``com.microsoft::MatMulNBits`` written directly).
+        ``algorithm=GPTQ()`` or ``AWQ()`` (in ``changes``) replaces round-to-nearest and then needs
+        calibration data."""
         weights: QuantSpec | Codebook = codebook or QuantSpec(
             dtype, symmetric, PerChannel() if block_size is None else PerBlock(block_size)  # type: ignore[arg-type]
         )
@@ -512,6 +647,22 @@ def _check_dynamic(config: QuantConfig) -> None:
         )
 
 
+def _check_conv_chain_options(config: QuantConfig) -> None:
+    """Types of ``equalization`` / ``bias_correction``; bias correction needs calibrated activations."""
+    if config.equalization is not None and not isinstance(config.equalization, CrossLayerEqualization):
+        raise ConfigError(
+            f"equalization must be CrossLayerEqualization(...) or None, not {config.equalization!r}"
+        )
+    bc = config.bias_correction
+    if bc is not None and not isinstance(bc, BiasCorrection):
+        raise ConfigError(f"bias_correction must be BiasCorrection(...) or None, not {bc!r}")
+    if bc is not None and (config.activations is None or isinstance(config.calibration, Dynamic)):
+        raise ConfigError(
+            "BiasCorrection() needs the per-channel input means of a static calibration: use it with "
+            "calibrated activations (not weight-only, not Dynamic())"
+        )
+
+
 def _check_calibration(value: object) -> None:
     if not isinstance(value, tuple(_CALIBRATIONS.values())):
         raise ConfigError(
@@ -557,6 +708,39 @@ def _check_weight_only(config: QuantConfig) -> None:
         )
     if config.activations is None and config.smoothing is not None:
         raise ConfigError("SmoothQuant needs calibrated activations; use smoothing=None for weight-only")
+    _check_algorithm(config)
+
+
+def _check_algorithm(config: QuantConfig) -> None:
+    """GPTQ/AWQ replace round-to-nearest of integer weight-only configs only."""
+    algo = config.algorithm
+    if algo is None:
+        return
+    if not isinstance(algo, GPTQ | AWQ):
+        raise ConfigError(f"algorithm must be GPTQ(...), AWQ(...) or None, not {algo!r}")
+    w = config.weights
+    if config.activations is not None or isinstance(w, Codebook) or w.dtype not in (
+        "int8", "uint8", "int4", "uint4", "int2", "uint2"
+    ):
+        raise ConfigError(
+            f"{type(algo).__name__}() quantizes integer weights of weight-only configs: use e.g. "
+            f"QuantConfig.weight_only('int4', 128, algorithm={type(algo).__name__}())"
+        )
+
+
+def _algorithm_from_dict(data: Any) -> WeightAlgorithm:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"algorithm must be an object like {{\"kind\": \"GPTQ\"}} or null, got {data!r}")
+    algo = dict(data)
+    kind = algo.pop("kind", None)
+    classes = {"GPTQ": GPTQ, "AWQ": AWQ}
+    if kind not in classes:
+        raise ConfigError(f"unknown algorithm {kind!r}; use 'GPTQ' or 'AWQ'")
+    _check_keys(algo, {f.name for f in fields(classes[kind])}, f"{kind} algorithm")
+    if isinstance(algo.get("awq"), Mapping):
+        _check_keys(algo["awq"], {f.name for f in fields(AWQ)}, "awq")
+        algo["awq"] = AWQ(**algo["awq"])
+    return classes[kind](**algo)
 
 
 def _spec_to_dict(spec: QuantSpec | Codebook) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from onnxq import providers as registry
 from onnxq.calibrate import release_freed_memory, return_large_blocks_promptly, serialize_for_ort
 from onnxq.data import Sample, checked_samples, model_inputs
 from onnxq.errors import CalibrationDataError, ConfigError
+from onnxq.metrics import FOLD_BLOCK, RunningError
 from onnxq.model_io import load_model
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ CHUNK_BYTES = 64 * 2**20
 # rounding differences between providers add none.
 CLEAN_DB = 50.0
 TOP = 20
-_BLOCK = 2**18  # elements folded at a time (bounds float64 temporaries)
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -73,69 +73,6 @@ _FLOAT_TYPES = {
 
 # ----------------------------------------------------------------------------------------------------
 # Running statistics
-
-
-@dataclass
-class _Stats:
-    """Float64 running sums of one tensor pair; metrics from them are exact for all folded samples."""
-
-    ref2: float = 0.0
-    err2: float = 0.0
-    cross: float = 0.0
-    out2: float = 0.0
-    abs_err: float = 0.0
-    max_err: float = 0.0
-    count: int = 0
-
-    def fold(self, ref: np.ndarray, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
-        """Add one sample's pair (same shape) to the sums, in float64 blocks of bounded size.
-
-        ``scratch``: a reusable ``(3, _BLOCK)`` float64 buffer (fresh blocks would cost a page fault
-        per 4 KiB each time). Sums use ``einsum`` rather than BLAS ``dot``, whose threads spin
-        between calls and fight ONNX Runtime's threads for the cores."""
-        if scratch is None:
-            scratch = np.empty((3, _BLOCK), np.float64)
-        a, b = ref.reshape(-1), out.reshape(-1)
-        for start in range(0, a.size, _BLOCK):
-            n = min(_BLOCK, a.size - start)
-            r, o, d = scratch[0, :n], scratch[1, :n], scratch[2, :n]
-            np.copyto(r, a[start : start + n], casting="unsafe")
-            np.copyto(o, b[start : start + n], casting="unsafe")
-            with np.errstate(invalid="ignore", over="ignore"):
-                np.subtract(r, o, out=d)
-            if not np.isfinite(d).all():  # infinities or NaN on either side
-                keep = ~((r == o) & ~np.isfinite(r))  # identical infinities carry no error
-                r, o = r[keep], o[keep]
-                with np.errstate(invalid="ignore", over="ignore"):
-                    d = r - o
-            self.ref2 += float(np.einsum("i,i->", r, r))
-            self.err2 += float(np.einsum("i,i->", d, d))
-            self.cross += float(np.einsum("i,i->", r, o))
-            self.out2 += float(np.einsum("i,i->", o, o))
-            np.abs(d, out=d)
-            self.abs_err += float(d.sum())
-            if d.size:
-                self.max_err = max(self.max_err, float(d.max()))
-            self.count += int(d.size)
-
-    def sqnr_db(self) -> float:
-        """``10·log10(Σref² / Σ(ref−out)²)``; inf when exact, -inf when the reference is all zero."""
-        if self.err2 == 0:
-            return math.inf
-        if self.ref2 == 0:
-            return -math.inf
-        return 10.0 * math.log10(self.ref2 / self.err2)
-
-    def cosine(self) -> float:
-        """Cosine of the flattened tensors over all samples (1 when both are zero, 0 when one is)."""
-        if self.ref2 == 0 and self.out2 == 0:
-            return 1.0
-        if self.ref2 == 0 or self.out2 == 0:
-            return 0.0
-        return self.cross / math.sqrt(self.ref2 * self.out2)
-
-    def mean_abs_error(self) -> float:
-        return self.abs_err / self.count if self.count else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -622,10 +559,10 @@ def diff(
         chunk_bytes / 2**20,
         len(samples),
     )
-    stats: dict[str, _Stats] = {name: _Stats() for name in order}
-    output_stats: dict[str, _Stats] = {name: _Stats() for name in output_names}
+    stats: dict[str, RunningError] = {name: RunningError() for name in order}
+    output_stats: dict[str, RunningError] = {name: RunningError() for name in output_names}
     invalid: set[tuple[str, bool]] = set()
-    scratch = np.empty((3, _BLOCK), np.float64)
+    scratch = np.empty((3, FOLD_BLOCK), np.float64)
     bar = tqdm(total=len(passes) * len(samples), desc="diff", unit="run", disable=not progress, leave=False)
     for chunk, is_output in passes:
         cand_chunk = [cand_name[n] for n in chunk]
@@ -691,7 +628,7 @@ def _run(session: ort.InferenceSession, names: list[str], sample: Sample, index:
 def _layers(
     ref: ir.Model,
     matches: dict[str, tuple[str, ir.Node]],
-    stats: dict[str, _Stats],
+    stats: dict[str, RunningError],
     invalid: set[str],
     ref_types: dict[str, int],
 ) -> list[LayerDiff]:

@@ -79,8 +79,9 @@ import onnxruntime as ort
 from onnxq.calibrate import calibrate, session_options
 from onnxq.config import MinMax, QuantConfig, QuantSpec
 from onnxq.data import Sample, checked_samples, model_inputs, peek_samples
-from onnxq.diff import DiffReport, _Stats, diff
+from onnxq.diff import DiffReport, diff
 from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
+from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
 from onnxq.passes.upgrade_opset import OPSET_16BIT
@@ -405,13 +406,13 @@ class _Reference:
 def _output_metrics(path: Path, reference: _Reference) -> tuple[OutputFidelity, ...]:
     session = _session(path)
     names = [o.name for o in session.get_outputs()]
-    stats: dict[str, _Stats] = {}
+    stats: dict[str, RunningError] = {}
     scratch = np.empty((3, 2**18), np.float64)
     for sample, ref in zip(reference.samples, reference.outputs(), strict=True):
         for name, value in zip(names, session.run(names, sample), strict=True):
             if name in ref and np.issubdtype(value.dtype, np.floating) and value.shape == ref[name].shape:
                 a, b = _real_positions(sample, ref[name]), _real_positions(sample, value)
-                stats.setdefault(name, _Stats()).fold(a, b, scratch)
+                stats.setdefault(name, RunningError()).fold(a, b, scratch)
     return tuple(OutputFidelity(n, s.cosine(), s.sqnr_db(), s.max_err) for n, s in stats.items())
 
 

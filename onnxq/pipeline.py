@@ -27,7 +27,7 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
-from onnxq import metrics
+from onnxq import metrics, model_io
 from onnxq.calibrate import CalibrationResult, calibrate, make_session, session_options
 from onnxq.config import Dynamic, QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
@@ -40,8 +40,10 @@ from onnxq.errors import (
     QuantizationError,
 )
 from onnxq.model_io import load_model, model_in_folder, save_model
+from onnxq.passes.bias_correction import BiasStatistics, CorrectBias
 from onnxq.passes.cleanup import Cleanup
 from onnxq.passes.dynamic import DynamicPlanner, dynamic_passes, dynamic_references
+from onnxq.passes.equalize import equalize_model
 from onnxq.passes.finite_mask import FiniteMaskSentinels
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
@@ -102,11 +104,15 @@ def rewrite_passes(
     ranges: dict[str, tuple[float, float]],
     smoothing: SmoothActivations | None = None,
     rules: TargetRules = RULES["cpu"],
+    bias_correction: CorrectBias | None = None,
 ) -> ir.passes.PassManager:
     """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth), as
-    the target's ``rules`` say (int32 biases or not, pairs around data movement kept or not)."""
+    the target's ``rules`` say (int32 biases or not, pairs around data movement kept or not);
+    ``bias_correction`` corrects float biases between Q/DQ insertion and weight pre-quantization."""
     passes: list[ir.passes.PassBase] = [smoothing] if smoothing is not None else []
     passes.append(InsertQDQ(plan, ranges))
+    if bias_correction is not None:
+        passes.append(bias_correction)
     passes.append(PrequantizeWeights())
     if rules.quantize_bias:
         ops = ("Conv", "Gemm", "LayerNormalization") if rules.every_op else ("Conv", "Gemm")
@@ -258,21 +264,16 @@ def measure_fidelity(
     else:
         session = make_session(model, session_options())
     names = [o.name for o in session.get_outputs()]
-    refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    errors: dict[str, metrics.RunningError] = {}
     for sample, ref in zip(inputs, references, strict=True):
         for name, value in zip(names, session.run(names, sample), strict=True):
-            if name in ref and np.issubdtype(value.dtype, np.floating):
-                refs[name].append(_real_positions(sample, ref[name]))
-                outs[name].append(_real_positions(sample, value))
-    result = []
-    for name in names:
-        if not refs[name]:
-            continue
-        a, b = np.concatenate(refs[name]), np.concatenate(outs[name])
-        result.append(
-            OutputFidelity(name, metrics.cosine(a, b), metrics.sqnr_db(a, b), metrics.max_abs_error(a, b))
-        )
+            if name in ref and np.issubdtype(
+                value.dtype, np.floating
+            ):  # folded at once: LLM logits are large
+                errors.setdefault(name, metrics.RunningError()).fold(
+                    _real_positions(sample, ref[name]), _real_positions(sample, value)
+                )
+    result = [OutputFidelity(name, e.cosine(), e.sqnr_db(), e.max_err) for name, e in errors.items()]
     return tuple(result)
 
 
@@ -320,6 +321,8 @@ def quantize(
     rules = RULES[config.target]
     notes: list[str] = []
     upgrade = prepare_model(ir_model, required_opset(config), rules, first, notes)
+    if config.equalization is not None:  # data-free, after BatchNorm folding, before the plan
+        equalize_model(ir_model, config.equalization, notes)
     if rules.static_shapes:
         samples = _same_shapes(first, samples, config.target)
 
@@ -371,6 +374,8 @@ def _calibrated_rewrite(
     """The static path: plan, calibrate (with SmoothQuant's statistics), and the rewrite to apply."""
     plan = make_plan(ir_model, config)
     candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
+    bc = config.bias_correction
+    bc_stats = BiasStatistics(ir_model, plan, bc) if bc is not None else None  # removed after calibration
     calibration = calibrate(
         ir_model,
         {name: plan.activations[name].spec for name in plan.calibration_tensors()},
@@ -380,21 +385,26 @@ def _calibrated_rewrite(
         keep=keep,
         progress=progress,
         channels=candidates,
+        means=bc_stats.tensors if bc_stats is not None else None,
     )
+    if bc_stats is not None:
+        bc_stats.remove()
     scales = (
         choose_scales(candidates, calibration.channels, plan, config.smoothing)
         if config.smoothing is not None
         else {}
     )
     smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
-    rewrite = rewrite_passes(plan, calibration.ranges, smoothing, RULES[config.target])
+    correct = CorrectBias(bc, bc_stats.inputs, calibration.means) if bc_stats is not None else None
+    rewrite = rewrite_passes(plan, calibration.ranges, smoothing, RULES[config.target], correct)
     return plan, calibration, scales, rewrite
 
 
 def check_model_file(path: Path) -> None:
-    """Full ``onnx.checker`` check (with shape inference) of a saved model; QuantizationError if it fails."""
+    """Full ``onnx.checker`` check (with shape inference) of a saved model, large weights left on disk
+    (:func:`onnxq.model_io.check_model_file`); QuantizationError if it fails."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        model_io.check_model_file(path)
     except Exception as exc:
         raise QuantizationError(
             f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"

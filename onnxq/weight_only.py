@@ -1,7 +1,10 @@
 """Weight-only quantization: ``onnxq.quantize(model, config=QuantConfig.weight_only(...))``.
 
 No calibration data: weights are quantized round-to-nearest from their own values, activations
-stay float. The pipeline is short:
+stay float. With ``config.algorithm`` (``GPTQ()``/``AWQ()``, :mod:`onnxq.weight_algorithms`) the
+calibration data is required: one streaming pass gathers the statistics (and the fidelity
+references) after the Constant lifting, then AWQ rewrites float weights before the pass, or GPTQ
+replaces round-to-nearest inside it. The pipeline is short:
 
     load (weights stay memory-mapped in the file) → opset upgrade (21; 23 for float4e2m1; 25 for
     int2/uint2) → Constant → initializer, unused-node removal, naming → WeightOnlyQuantize (one
@@ -25,7 +28,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, RemoveUnusedNodesPass
 
 from onnxq.config import Codebook, PerTensor, QuantConfig
-from onnxq.errors import ConfigError, OnnxqError, QuantizationError
+from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, QuantizationError
 from onnxq.lowbit import WEIGHT_TYPES
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.upgrade_opset import UpgradeOpset
@@ -89,7 +92,8 @@ def quantize_weight_only(
     progress: bool = True,
 ) -> QuantizationResult:
     """Weight-only quantization of ``model`` (see the module docstring); ``output=None`` keeps the
-    result in memory. ``calib_data``, when given, only feeds the fidelity check."""
+    result in memory. ``calib_data``, when given, only feeds the fidelity check (and, with
+    ``config.algorithm``, GPTQ's/AWQ's statistics: then it is required)."""
     from onnxq import pipeline  # the static pipeline's helpers (it imports this module lazily)
 
     if isinstance(config.weights, Codebook):
@@ -102,12 +106,27 @@ def quantize_weight_only(
     pipeline._reject_quantized(ir_model)
     size_before = pipeline._size_of(model, ir_model)
     samples = None
-    if calib_data is not None and config.fidelity:
+    algorithm = getattr(config, "algorithm", None)
+    if algorithm is not None:  # GPTQ / AWQ: statistics and references from one pass (weight_algorithms)
+        from onnxq.data import model_inputs, peek_samples
+
+        if calib_data is None:
+            raise CalibrationDataError(
+                f"{type(algorithm).__name__}() needs calibration data: pass calib_data (e.g. a few "
+                "hundred tokens of representative text per sample), or drop algorithm= for "
+                "round-to-nearest without data"
+            )
+        _, samples = peek_samples(calib_data, model_inputs(ir_model), config.num_samples)
+        references: tuple[list, list] = ([], [])
+    elif calib_data is not None and config.fidelity:
         from onnxq.data import model_inputs, peek_samples
 
         _, samples = peek_samples(calib_data, model_inputs(ir_model), pipeline.FIDELITY_SAMPLES)
-    references = _fp32_outputs(model, ir_model, samples) if samples is not None else ([], [])
+    if algorithm is None:
+        references = _fp32_outputs(model, ir_model, samples) if samples is not None else ([], [])
     wo = WeightOnlyQuantize(config.weights, config.weight_format, _excluder(config))
+    extra_notes: list[str] = []
+    n_calib = 0
     try:
         upgraded = _upgrade(ir_model, required_opset(config))
         ir.passes.PassManager(
@@ -115,9 +134,18 @@ def quantize_weight_only(
                 LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
                 RemoveUnusedNodesPass(),
                 NameFixPass(),
-                wo,
             ]
         )(ir_model)
+        if algorithm is not None:
+            from onnxq.weight_algorithms import prepare_algorithm
+
+            keep = pipeline.FIDELITY_SAMPLES if config.fidelity else 0
+            prepared = prepare_algorithm(
+                ir_model, config, samples, _excluder(config), keep=keep, progress=progress
+            )
+            wo.precomputed, references = prepared.quantizer, prepared.references
+            extra_notes, n_calib = prepared.notes, prepared.samples
+        ir.passes.PassManager([wo])(ir_model)
     except OnnxqError:
         raise
     except Exception as exc:
@@ -133,12 +161,13 @@ def quantize_weight_only(
         size_after = ir.to_proto(ir_model).ByteSize()
     fidelity = pipeline.measure_fidelity(output or ir_model, *references) if references[0] else ()
     notes = [f"weight-only: {_describe(config)}; largest float weight {wo.largest_weight / 1e6:.1f} MB"]
+    notes += extra_notes
     summary = QuantizationSummary(
         quantized_nodes=dict(sorted(wo.quantized.items())),
         float_nodes=tuple(FloatNode(name, "weight", reason) for name, reason in wo.skipped.items()),
         size_before=size_before,
         size_after=size_after,
-        calibration_samples=0,
+        calibration_samples=n_calib,
         fidelity=fidelity,
         fidelity_samples=len(references[0]),
         opset_upgraded_from=upgraded,
@@ -152,7 +181,9 @@ def _describe(config: QuantConfig) -> str:
     if isinstance(w, Codebook):
         return f"codebook {w.kind} ({w.bits}-bit indices, block {w.block_size})"
     gran = w.granularity
-    return f"{w.dtype} {type(gran).__name__}{getattr(gran, 'size', '')}, {config.weight_format}"
+    algo = getattr(config, "algorithm", None)
+    how = "round-to-nearest" if algo is None else repr(algo)
+    return f"{w.dtype} {type(gran).__name__}{getattr(gran, 'size', '')}, {config.weight_format}, {how}"
 
 
 def _fp32_outputs(model: Any, ir_model: ir.Model, samples) -> tuple[list, list]:
@@ -167,11 +198,16 @@ def _fp32_outputs(model: Any, ir_model: ir.Model, samples) -> tuple[list, list]:
         sess = ort.InferenceSession(
             ir.to_proto(ir_model).SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
         )
+    from onnxq.calibrate import KEEP_BYTES
+
     names = [o.name for o in sess.get_outputs()]
-    inputs, outputs = [], []
+    inputs, outputs, kept = [], [], 0
     for sample in samples:
+        if kept >= KEEP_BYTES:  # a decoder's logits are ~100 MB a sample: keep a few only
+            break
         inputs.append(sample)
         outputs.append(dict(zip(names, sess.run(names, sample), strict=True)))
+        kept += sum(v.nbytes for v in outputs[-1].values())
     del sess
     return inputs, outputs
 

@@ -22,7 +22,8 @@ from onnx import helper
 import models
 import onnxq
 from onnxq import metrics
-from onnxq.diff import CLEAN_DB, DiffReport, _Stats, diff
+from onnxq.diff import CLEAN_DB, DiffReport, diff
+from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
 from onnxq.providers import QnnHtpProvider
 from tests.helpers import make_model, tensor_info
@@ -252,7 +253,7 @@ def test_stats_are_exact_and_tolerate_shared_infinities():
     rng = np.random.default_rng(0)
     a = rng.standard_normal(300_001).astype(np.float32)
     b = a + np.float32(0.01) * rng.standard_normal(a.size).astype(np.float32)
-    s = _Stats()
+    s = RunningError()
     s.fold(a[:1000], b[:1000])
     s.fold(a[1000:], b[1000:])
     assert s.sqnr_db() == pytest.approx(metrics.sqnr_db(a, b), abs=1e-9)
@@ -260,7 +261,7 @@ def test_stats_are_exact_and_tolerate_shared_infinities():
     assert s.max_err == pytest.approx(metrics.max_abs_error(a, b))
     masked = a.copy()
     masked[:10] = -np.inf
-    s2 = _Stats()
+    s2 = RunningError()
     s2.fold(masked, np.where(np.isinf(masked), masked, a))
     assert s2.sqnr_db() == math.inf and s2.count == a.size - 10
     assert CLEAN_DB < 100

@@ -34,6 +34,10 @@ count of ``--samples`` (e.g. ``--samples 32,512``, to see whether peak RSS grows
   is a ``Where`` between 0 and float32 min, and ORT's Percentile and Entropy fail on it in
   ``np.histogram`` with "Too many bins for data range"; ``--ort-exclude-op-types ''`` shows it).
   ORT has no MSE (its ``Distribution`` method is something else), so MSE's ORT row reads "n/a".
+  ``RTN4``, ``GPTQ``, ``AWQ``: weight-only int4 block 128 of the MatMul/Gemm weights
+  (``QuantConfig.weight_only("int4", 128, algorithm=..., exclude_op_types=("Gather",))``), to see
+  what GPTQ's Hessians and AWQ's searches cost in time and peak RSS over round-to-nearest at each
+  sample count; their ORT rows read "n/a" (ORT's int4 RTN is in ``tools/fidelity.py``);
   ORT's histogram calibrators keep every sample's activations in memory, so ORT runs only at sample
   counts up to ``--ort-max-samples`` (default 32) and reads "skipped" above;
 - per quantization: wall time of the quantize call, worker peak RSS (and ÷ the fp32 model file),
@@ -95,7 +99,10 @@ LABELS = {
 DEFAULT_MODELS = "bert-base,minilm-random"
 WORKER_TIMEOUT_S = 3600
 MODES = ("minmax", "methods")
-METHODS = ("MinMax", "Percentile", "Entropy", "MSE")
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy", "MSE")
+# Weight-only int4 block 128 (MatMul/Gemm weights; tables stay float): round-to-nearest, GPTQ, AWQ.
+WEIGHT_ONLY_METHODS = ("RTN4", "GPTQ", "AWQ")
+METHODS = CALIBRATION_METHODS + WEIGHT_ONLY_METHODS
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")  # ORT's Distribution is not MSE
 DEFAULT_ORT_MAX_SAMPLES = 32
 # targets checked in --mode methods (onnxq's numbers)
@@ -248,11 +255,17 @@ class ListReader:
 def _quantize_onnxq(
     model: Path, calib: list[dict[str, np.ndarray]], output: Path, method: str | None = None
 ) -> dict[str, Any]:
-    """onnxq's default config, or the default with ``calibration=<method>()``."""
+    """onnxq's default config, the default with ``calibration=<method>()``, or weight-only int4 block 128
+    (``RTN4``, ``GPTQ``, ``AWQ``)."""
     import onnxq
     from onnxq import config as onnxq_config
 
-    config = None if method is None else onnxq.QuantConfig(calibration=getattr(onnxq_config, method)())
+    config = None
+    if method in WEIGHT_ONLY_METHODS:
+        algorithm = None if method == "RTN4" else getattr(onnxq_config, method)()
+        config = onnxq.QuantConfig.weight_only("int4", 128, algorithm=algorithm, exclude_op_types=("Gather",))
+    elif method is not None:
+        config = onnxq.QuantConfig(calibration=getattr(onnxq_config, method)())
     t0 = time.perf_counter()
     result = onnxq.quantize(model, calib, config=config, output=output, progress=False)
     elapsed = time.perf_counter() - t0
@@ -918,7 +931,9 @@ def render_targets(run: MethodsRun) -> str:
                 continue
             t = _seconds(run, n, key)
             checks = []
-            if method != "MinMax":
+            if method in WEIGHT_ONLY_METHODS:
+                checks.append("÷ ORT: n/a (weight-only; ORT's int4 RTN: tools/fidelity.py ort-matmul-nbits)")
+            elif method != "MinMax":
                 if method in ORT_METHODS:
                     ort_key = f"ort:{method}"
                     if ort_key in run.by_samples[n]["skipped"]:
@@ -1044,9 +1059,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         type=_method_list,
-        default=list(METHODS),
+        default=list(CALIBRATION_METHODS),
         metavar="M[,M...]",
-        help=f"--mode methods: calibration methods (default {','.join(METHODS)})",
+        help=f"--mode methods: calibration methods (default {','.join(CALIBRATION_METHODS)}; also "
+        f"{','.join(WEIGHT_ONLY_METHODS)}: weight-only int4 block 128)",
     )
     p.add_argument(
         "--ort-max-samples",

@@ -14,7 +14,10 @@ Quantizers (``--quantizers`` picks some by key):
   (defaults otherwise), after ``quant_pre_process`` (without it if that fails; the notes say so);
 - ``ort-dynamic``: ``quantize_dynamic`` with QInt8 per-channel weights (no calibration);
 - ``ort-matmul-nbits``: ``MatMulNBitsQuantizer`` (int4, block 128, symmetric RTN; no calibration);
-  onnxq's weight-only counterpart is ``--configs tools/configs/weight-only-int4-b128.json``;
+  onnxq's weight-only counterpart is ``--configs tools/configs/weight-only-int4-b128.json``
+  (``-matmuls.json``: the same with the tied embedding / lm_head table left float, as ORT leaves
+  it; ``-gptq.json``, ``-awq.json``, ``-awq-gptq.json``: GPTQ, AWQ and AWQ then GPTQ on those
+  MatMuls, calibrated on the model's calibration samples);
 - ``onnxq-amp``: ``onnxq.quantize_mixed`` (automatic mixed precision) with the default config and
   an accuracy budget scored by the task on an *evaluation* split kept apart from both the
   calibration data and the reported test split: MiniLM accuracy drop <= ``--amp-points`` (0.1)
@@ -37,6 +40,11 @@ Models (``--models``):
   tutorial (tokenized whole, no special tokens); calibration on the first windows of the Python FAQ.
 - ``cnn``: the digits CNN (recipe ``cnn-digits``): top-1 on its 397-image test split; calibration
   on single training images.
+- ``cnn-opset11``: the same with every weight a Constant node at opset 11 (recipe
+  ``cnn-digits-opset11-constants``); ``cnn-unbalanced``: the same CNN with the output channels of its
+  first two Conv blocks scaled by 0.01..100 and the next Convs' inputs by the inverse (recipe
+  ``cnn-digits-unbalanced``: same float function, hard for per-tensor weights; the case for
+  ``--configs tools/configs/per-tensor-cle.json``). Same data and scoring as ``cnn``.
 
 Quantize time is the wall time of the quantizer call (onnxq's includes its own fidelity check on 8
 calibration samples; ORT static's includes ``quant_pre_process``). Sizes are of the written
@@ -80,8 +88,8 @@ log = logging.getLogger("fidelity")
 
 MB = 1e6
 Feed = dict[str, np.ndarray]
-MODELS = ("minilm", "smollm2", "cnn")
-DEFAULT_SAMPLES = {"minilm": 64, "smollm2": 16, "cnn": 64}
+MODELS = ("minilm", "smollm2", "cnn", "cnn-opset11", "cnn-unbalanced")
+DEFAULT_SAMPLES = {"minilm": 64, "smollm2": 16, "cnn": 64, "cnn-opset11": 64, "cnn-unbalanced": 64}
 MINILM_TRAIN, MINILM_TEST = 3000, 2000
 MINILM_AMP_EVAL = 3000  # movie snippets after the train and test ones: the AMP evaluation split
 SMOLLM2_REFERENCE_PPL = 14.33  # ../shared/data/README.md: fp32, first 16 windows of 512 tokens
@@ -632,7 +640,23 @@ class CNNTask(Task):
         return lambda p: 100 * models.onnx_top1(p, self.x_amp, self.y_amp), points, what, {}
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MiniLMTask, SmolLM2Task, CNNTask)}
+class CNNOpset11Task(CNNTask):
+    """The digits CNN at opset 11 with Constant-node weights."""
+
+    name = "cnn-opset11"
+    recipe = "cnn-digits-opset11-constants"
+
+
+class CNNUnbalancedTask(CNNTask):
+    """The digits CNN with unbalanced channel ranges (same float function)."""
+
+    name = "cnn-unbalanced"
+    recipe = "cnn-digits-unbalanced"
+
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (MiniLMTask, SmolLM2Task, CNNTask, CNNOpset11Task, CNNUnbalancedTask)
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,6 +173,9 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         self.quantized: dict[str, int] = {}  # op type → nodes
         self.skipped: dict[str, str] = {}  # weight → reason
         self.largest_weight = 0
+        # Optional hook (name, w, wtype, axis, block, symmetric) -> (q, scale, zero_point) | None that
+        # replaces round-to-nearest for MatMul/Gemm weights (GPTQ: onnxq.weight_algorithms).
+        self.precomputed = None
 
     # --- driver ----------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -279,7 +282,10 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             block = self._block(w.shape[axis])
-            q, scale, zp = quantize_blocks(w, wtype, axis, block, wtype.signed or wtype.is_float)
+            hook = self.precomputed and self.precomputed(
+                value.name, w, wtype, axis, block, wtype.signed or wtype.is_float
+            )
+            q, scale, zp = hook or quantize_blocks(w, wtype, axis, block, wtype.signed or wtype.is_float)
             self._cache = (key, block, q, scale, zp, {})
         _, block, q, scale, zp, made = self._cache
         if self.nbits and self._try_nbits(graph, value, node, axis, block, q, scale, zp, wtype, dtype, made):

@@ -1,0 +1,780 @@
+"""GPTQ and AWQ for integer weight-only quantization (``QuantConfig.weight_only(..., algorithm=...)``).
+
+Both replace plain round-to-nearest (RTN) of MatMul/Gemm weights by something that looks at the
+activations the weights multiply, and both emit exactly what the RTN pass emits (integer values,
+per-block or per-channel scales, zero points for unsigned types, in the layout of
+:func:`onnxq.lowbit.quantize_blocks`), so ONNX Runtime still fuses ``DequantizeLinear → MatMul``
+into ``MatMulNBits`` and ``weight_format="matmul_nbits"`` works unchanged.
+
+Pipeline (:func:`prepare_algorithm`, called by :func:`onnxq.weight_only.quantize_weight_only` after
+the opset upgrade and before :class:`~onnxq.passes.weight_only.WeightOnlyQuantize`):
+
+1. **Targets.** Every 2-D float initializer that the weight-only pass would quantize as a MatMul or
+   Gemm weight (MatMul input 1, directly or through ``Transpose``; Gemm input 1 without ``transA``),
+   not excluded by the config and not also read as a Gather table (a table keeps RTN). Its
+   activations are input 0 of its readers (``X``, viewed as rows ``[-1, K]``).
+2. **Statistics, one streaming pass.** The activations become extra outputs of an ORT session on
+   the fp32 model (:class:`onnxq.calibrate._Augment`, weights not copied); each sample's tensors
+   are folded into :class:`ActivationStats` and released, so memory holds one sample's
+   activations plus the statistics, whatever the number of samples. Per distinct activation
+   (q/k/v read one normed tensor and share its statistics): GPTQ keeps ``H = ΣXᵀX`` (float64
+   ``K×K``: 19 MB at K = 1536); AWQ keeps ``Σ|X|`` per channel and a deterministic reservoir of at
+   most ``AWQ.max_rows`` rows (each row gets a key from a generator seeded by the sample index, and
+   the rows with the smallest keys are kept — the same rows whatever the sharding, so
+   :meth:`ActivationStats.merge` is exact). The fp32 outputs of the first samples are kept for the
+   fidelity report.
+3. **GPTQ** (:func:`gptq_quantize`, called per weight by the pass, each Hessian released after its
+   last weight): ``W [K, N]`` (ONNX MatMul layout, so the paper's "columns" are rows of K here and
+   blocks run along K). Rows never active (``H_kk = 0``) are zeroed; ``damp · mean(diag H)`` is
+   added to the diagonal; the upper Cholesky factor ``U`` of ``H⁻¹`` drives the update: row ``k`` is
+   rounded with its block's scale, and its error ``(w_k - ŵ_k) / U_kk`` is subtracted from the later
+   rows through ``U_k,k+1:`` (lazily, ``block_size_columns`` rows at a time). Scales are those of
+   RTN (lowbit's convention: the signed extremum maps to ``qmin``), computed per block when the
+   block is reached from the already-updated rows, or — with ``act_order`` (rows visited by
+   ``diag H`` descending) or ``static_groups`` — for all blocks up front from the original weight,
+   so blocks keep the original row order in either case. With ``clip_grid`` (default 20), each
+   block's range may shrink (down to ``1 - max_shrink``) per output channel where that lowers the
+   ``diag H``-weighted rounding error of the block. The factorisation of a Hessian is computed once
+   for all weights sharing the activation. ``GPTQ(awq=AWQ())`` runs AWQ's scaling (step 4) first
+   and GPTQ on the scaled weights with ``diag(1/s) H diag(1/s)``, from the same single pass.
+   On SmolLM2-135M (int4, block 128, no clip search) act-order matters: without it, scales
+   computed from the error-corrected rows gave a perplexity worse than RTN's.
+4. **AWQ** (:func:`apply_awq`, before the pass; it rewrites float weights and the pass then rounds
+   them to nearest): for each activation ``X`` read only by target MatMuls (``q/k/v``, ``gate/up``,
+   ``o``, ``down``, ``lm_head``), ``s = mean|X|^α`` normalised by ``sqrt(max s · min s)``, α on
+   ``grid`` points of [0, 1) picked by ``‖X·W − (X/s)·Q(s·W)‖²`` on the sampled rows, all the
+   group's weights concatenated. Then ``W`` rows ×= ``s`` and ``1/s`` is folded, in this order of
+   preference, into: (a) the activation's producer ``Mul`` by a constant (RMSNorm/LayerNorm gamma:
+   a new initializer ``gamma / s`` is written, so a gamma shared through Identity stays intact for
+   its other readers); (b) the constant weight of a MatMul whose output is the producer or one
+   operand of a producer ``Mul`` (the MLP's ``act(gate) · up`` → ``up``'s output columns);
+   (c) otherwise a new ``Mul(X, 1/s)`` before the group (weight-only models keep float
+   activations). Where ``X`` has other readers, only (c) is legal. All scales are searched on the
+   original weights and then applied (scaling rows and columns commute). With ``clip``, each
+   block's range is then shrunk to ``(1 - i / clip_grid) · max|W_block|`` for the ``i`` (up to
+   ``max_shrink · clip_grid``) that minimises the block's partial-output error on the sampled rows,
+   per output channel; weights are clamped to it. The modified float weights are held in memory
+   until written back (the pass then quantizes and releases them one at a time).
+
+The float function is unchanged by AWQ's scaling (up to float rounding); only quantization error
+moves. Calibration and evaluation data must be kept apart by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnxq.config import AWQ, GPTQ, QuantConfig, QuantSpec
+from onnxq.errors import CalibrationDataError
+from onnxq.lowbit import WEIGHT_TYPES, WeightType, dequantize_blocks, quantize_blocks
+from onnxq.passes._util import Namer
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+_SEED = 0x5EED
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationStats:
+    """Mergeable statistics of one activation, viewed as rows ``[-1, K]``.
+
+    ``hessian``: ``ΣXᵀX`` (float64, or None when not asked for); ``abs_sum``: ``Σ|X|`` per channel;
+    ``rows``: rows folded in; ``sample_rows``/``sample_keys``: the reservoir (at most ``max_rows``
+    rows with the smallest keys). ``update`` per sample, ``merge`` shards (exact)."""
+
+    hessian_wanted: bool = True
+    max_rows: int = 0
+    hessian: np.ndarray | None = None
+    abs_sum: np.ndarray | None = None
+    rows: int = 0
+    sample_rows: np.ndarray | None = None
+    sample_keys: np.ndarray | None = None
+
+    def update(self, x: np.ndarray, keys: np.ndarray | None = None) -> None:
+        """Fold rows ``x [n, K]`` in; ``keys`` (one per row, uniform in [0, 1)) for the reservoir."""
+        x = np.asarray(x, np.float32)
+        if self.hessian_wanted:
+            h = (x.T @ x).astype(np.float64)
+            self.hessian = h if self.hessian is None else self.hessian + h
+        if self.max_rows:
+            a = np.abs(x).sum(axis=0, dtype=np.float64)
+            self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
+            if keys is None:
+                raise ValueError("reservoir sampling needs one key per row")
+            self._keep(x, np.asarray(keys, np.float64))
+        self.rows += len(x)
+
+    def _keep(self, x: np.ndarray, keys: np.ndarray) -> None:
+        if self.sample_rows is not None:
+            x = np.concatenate([self.sample_rows, x])
+            keys = np.concatenate([self.sample_keys, keys])  # type: ignore[list-item]
+        if len(keys) > self.max_rows:
+            pick = np.sort(np.argpartition(keys, self.max_rows - 1)[: self.max_rows])
+            x, keys = x[pick], keys[pick]
+        self.sample_rows, self.sample_keys = np.ascontiguousarray(x), keys
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """The statistics of both sample sets together."""
+        if other.hessian is not None:
+            self.hessian = other.hessian.copy() if self.hessian is None else self.hessian + other.hessian
+        if other.abs_sum is not None:
+            self.abs_sum = other.abs_sum.copy() if self.abs_sum is None else self.abs_sum + other.abs_sum
+        if other.sample_rows is not None:
+            self._keep(other.sample_rows, other.sample_keys)  # type: ignore[arg-type]
+        self.rows += other.rows
+        return self
+
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.rows, 1)  # type: ignore[operator]
+
+
+@dataclass
+class Target:
+    """One weight the algorithm handles: its initializer, readers and their activation inputs."""
+
+    value: ir.Value
+    readers: list[ir.Node]
+    transposed: bool  # stored [N, K] (read through Transpose, or Gemm transB=1)
+    activations: list[str]
+
+
+def _resolve_constant(value: ir.Value | None) -> np.ndarray | None:
+    """A constant's array, through Identity chains (None for run-time values)."""
+    while value is not None:
+        if value.const_value is not None:
+            return value.const_value.numpy()
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity":
+            return None
+        value = producer.inputs[0]
+    return None
+
+
+def find_targets(model: ir.Model, exclude: Callable[[ir.Node], str] | None = None) -> dict[str, Target]:
+    """The MatMul/Gemm weights the weight-only pass quantizes (see the module docstring)."""
+    from onnxq.passes.weight_only import _uses
+
+    exclude = exclude or (lambda node: "")
+    targets: dict[str, Target] = {}
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        if const is None or value.dtype not in FLOAT_TYPES or len(const.shape) != 2:
+            continue
+        uses = _uses(value)
+        if uses.other or uses.gather:
+            continue
+        readers = [*uses.matmul, *uses.gemm]
+        via_t = [m for _, ms in uses.transposed for m in ms]
+        if not readers and not via_t:
+            continue
+        if (readers and via_t) or any(exclude(n) for n in (*readers, *via_t)):
+            continue
+        gemm_t = [g.attributes.get_int("transB", 0) for g in uses.gemm]
+        if uses.gemm and (uses.matmul or len(set(gemm_t)) > 1):
+            continue
+        if any(g.attributes.get_int("transA", 0) for g in uses.gemm):
+            continue
+        nodes = readers or via_t
+        acts = list(dict.fromkeys(n.inputs[0].name for n in nodes if n.inputs[0] is not None))
+        if len(acts) != len({id(n.inputs[0]) for n in nodes}) or not all(acts):
+            continue
+        targets[name] = Target(value, nodes, bool(via_t) or bool(gemm_t and gemm_t[0]), acts)
+    return targets
+
+
+def collect_statistics(
+    model: ir.Model,
+    activations: Iterable[str],
+    samples: Iterable[dict[str, np.ndarray]],
+    *,
+    hessian: bool,
+    max_rows: int = 0,
+    keep: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, ActivationStats], int, list, list]:
+    """One streaming pass of ``samples`` through the fp32 ``model``: :class:`ActivationStats` per
+    activation, the number of samples, and the first ``keep`` inputs with their fp32 outputs."""
+    from onnxq.calibrate import _Augment, make_session, release_freed_memory, session_options
+
+    names = list(dict.fromkeys(activations))
+    stats = {n: ActivationStats(hessian, max_rows) for n in names}
+    model_outputs = [v.name for v in model.graph.outputs]
+    with _Augment(model, [], raw=names):
+        try:
+            session = make_session(model, session_options(calibration=True))
+        except Exception as exc:
+            raise CalibrationDataError(f"ONNX Runtime cannot run the model for calibration: {exc}") from None
+    kept_in: list = []
+    kept_out: list = []
+    seen = 0
+    bar = tqdm(samples, desc="weight statistics", unit="sample", disable=not progress, leave=False)
+    for sample in bar:
+        fetch = names + ([n for n in model_outputs if n not in names] if len(kept_in) < keep else [])
+        try:
+            outputs = dict(zip(fetch, session.run(fetch, sample), strict=True))
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"calibration sample {seen} failed in ONNX Runtime: {str(exc).splitlines()[0]}"
+            ) from None
+        if len(kept_in) < keep:
+            kept_in.append(sample)
+            kept_out.append({n: outputs[n] for n in model_outputs})
+        keys: dict[int, np.ndarray] = {}  # reservoir keys per row count: same rows in every tensor
+        for name in names:
+            x = outputs.pop(name)
+            if x.size == 0 or not np.issubdtype(x.dtype, np.floating):
+                continue
+            x2 = x.reshape(-1, x.shape[-1])
+            if max_rows and len(x2) not in keys:
+                keys[len(x2)] = np.random.default_rng([_SEED, seen, len(x2)]).random(len(x2))
+            stats[name].update(x2, keys.get(len(x2)))
+            del x, x2
+        del outputs
+        seen += 1
+    del session
+    release_freed_memory()
+    if seen == 0:
+        raise CalibrationDataError("the calibration data holds no samples")
+    return stats, seen, kept_in, kept_out
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ
+# ------------------------------------------------------------------------------------------------
+
+
+def _params(
+    w: np.ndarray,
+    wtype: WeightType,
+    symmetric: bool,
+    weights: np.ndarray | None = None,
+    clip_grid: int = 0,
+    max_shrink: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """RTN scale (and zero point) of the rows of ``w`` as one block per column: ``[N]`` each.
+
+    With ``clip_grid``, the range is shrunk per column to ``(1 - i / clip_grid)`` of its extremes
+    (``i`` up to ``max_shrink · clip_grid``) where that lowers ``Σ_k weights_k (w_k − ŵ_k)²``
+    (``weights``: the Hessian diagonal of the rows)."""
+    w = np.asarray(w, np.float32)
+    _, scale, zp = quantize_blocks(w, wtype, 0, None, symmetric)
+    scale, zp = scale[0], None if zp is None else zp[0].astype(np.float32)
+    if not clip_grid:
+        return scale, zp
+    d = np.ones(len(w)) if weights is None else np.asarray(weights, np.float64)
+
+    def error(sc: np.ndarray, z: np.ndarray | None) -> np.ndarray:
+        zz = 0.0 if z is None else z
+        q = np.clip(np.rint(w / sc) + zz, wtype.qmin, wtype.qmax)
+        return d @ ((q - zz) * sc - w) ** 2
+
+    best = error(scale, zp)
+    lo, hi = np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0)
+    for i in range(1, int(max_shrink * clip_grid) + 1):
+        r = 1.0 - i / clip_grid
+        _, sc, z = quantize_blocks(np.clip(w, lo * r, hi * r), wtype, 0, None, symmetric)
+        sc, z = sc[0], None if z is None else z[0].astype(np.float32)
+        err = error(sc, z)
+        better = err < best
+        best = np.where(better, err, best)
+        scale = np.where(better, sc, scale).astype(np.float32)
+        if zp is not None:
+            zp = np.where(better, z, zp).astype(np.float32)  # type: ignore[arg-type]
+    return scale, zp
+
+
+def _inverse_hessian_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """The upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹`` (``H⁻¹ = UᵀU``); damping
+    grows tenfold until ``H`` is positive definite."""
+    mean_diag = float(np.mean(np.diag(h))) or 1.0
+    eye = np.eye(len(h))
+    for factor in (damp, damp * 10, damp * 100, 0.1, 1.0):
+        try:
+            low = np.linalg.cholesky(h + max(factor, 1e-8) * mean_diag * eye)
+            low_inv = np.linalg.solve(low, eye)  # L⁻¹ (lower)
+            hinv = low_inv.T @ low_inv
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the Hessian stays singular after damping")
+
+
+@dataclass
+class HessianFactor:
+    """What GPTQ derives from one Hessian, shared by every weight reading the same activation:
+    the dead rows, the visiting order, the diagonal (in that order) and ``U``."""
+
+    dead: np.ndarray
+    perm: np.ndarray
+    diag: np.ndarray
+    upper: np.ndarray
+
+
+def factor_hessian(hessian: np.ndarray, config: GPTQ) -> HessianFactor:
+    """Dead rows, act-order permutation and the damped inverse-Hessian Cholesky factor."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if config.act_order else np.arange(len(h))
+    h = h[np.ix_(perm, perm)]
+    diag = np.diag(h).copy()
+    return HessianFactor(dead, perm, diag, _inverse_hessian_factor(h, config.damp))
+
+
+def gptq_quantize(
+    w: np.ndarray,
+    hessian: np.ndarray | HessianFactor,
+    wtype: WeightType,
+    block: int | None,
+    symmetric: bool,
+    config: GPTQ,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ of ``w [K, N]`` (blocks of ``block`` along K, or one scale per column when None) with
+    ``hessian [K, K]`` (any positive multiple of ``XᵀX``, or its :func:`factor_hessian`). Returns
+    ``(q, scale, zero_point)`` in the layout of :func:`onnxq.lowbit.quantize_blocks` with ``axis=0``."""
+    f = hessian if isinstance(hessian, HessianFactor) else factor_hessian(hessian, config)
+    W = np.array(w, dtype=np.float64)
+    k, n = W.shape
+    W[f.dead] = 0.0
+    g = k if block is None else min(block, k)
+    n_groups = -(-k // g)
+    static = config.act_order or block is None or bool(config.static_groups)
+    scale = np.ones((n_groups, n), np.float32)
+    zero = None if symmetric else np.zeros((n_groups, n), np.float32)
+    search = (config.clip_grid, config.max_shrink)
+    hdiag = np.empty(k)
+    hdiag[f.perm] = f.diag  # Hessian diagonal in the original row order
+    if static:
+        for b in range(n_groups):
+            rows = slice(b * g, (b + 1) * g)
+            scale[b], z = _params(W[rows], wtype, symmetric, hdiag[rows], *search)
+            if zero is not None:
+                zero[b] = z
+    perm = f.perm
+    W = W[perm]
+    U = f.upper
+    group_of = perm // g  # block (original order) of each visited row
+    qvals = np.empty((k, n), np.float32)
+    qmin, qmax = float(wtype.qmin), float(wtype.qmax)
+    step = config.block_size_columns
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        W1 = W[i1:i2].copy()
+        err1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            r = i1 + i
+            if not static and r % g == 0:  # identity order: rows r .. r+g are block r // g
+                rows = W1[i : i + g] if r + g <= i2 else np.concatenate([W1[i:], W[i2 : r + g]])
+                scale[r // g], z = _params(rows, wtype, symmetric, f.diag[r : r + g], *search)
+                if zero is not None:
+                    zero[r // g] = z
+            s = scale[group_of[r]].astype(np.float64)
+            z = 0.0 if zero is None else zero[group_of[r]].astype(np.float64)
+            q = np.clip(np.rint(W1[i] / s) + z, qmin, qmax)
+            qvals[r] = q
+            err = (W1[i] - (q - z) * s) / U1[i, i]
+            W1[i + 1 :] -= U1[i, i + 1 :, None] * err[None, :]
+            err1[i] = err
+        if i2 < k:
+            W[i2:] -= U[i1:i2, i2:].T @ err1
+    q_orig = np.empty_like(qvals)
+    q_orig[perm] = qvals
+    q_out = q_orig.astype(np.int8 if wtype.signed else np.uint8).astype(wtype.np_dtype)
+    zp = None if zero is None else zero.astype(np.uint8).astype(wtype.np_dtype)
+    return q_out, scale, zp
+
+
+class GPTQQuantizer:
+    """The weight-only pass's hook: GPTQ for each target weight from the gathered Hessians. The
+    factorisation of a Hessian is shared by the weights reading the same activation (q/k/v,
+    gate/up), and both are released once its last weight is quantized."""
+
+    def __init__(self, config: GPTQ, targets: dict[str, Target], stats: dict[str, ActivationStats]) -> None:
+        self.config = config
+        self.targets = targets
+        self.stats = stats
+        self.remaining: dict[tuple[str, ...], int] = {}
+        for t in targets.values():
+            key = tuple(t.activations)
+            self.remaining[key] = self.remaining.get(key, 0) + 1
+        self.factors: dict[tuple[str, ...], HessianFactor] = {}
+        self.done: set[str] = set()
+        self.seconds = 0.0
+
+    def __call__(
+        self, name: str, w: np.ndarray, wtype: WeightType, axis: int, block: int | None, symmetric: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """``(q, scale, zero_point)`` of ``w`` quantized along ``axis``, or None for RTN."""
+        import time
+
+        target = self.targets.get(name)
+        if target is None:
+            return None
+        k = w.shape[axis]
+        key = tuple(target.activations)
+        t0 = time.perf_counter()
+        factor = self.factors.get(key)
+        if factor is None:
+            hs = [self.stats[a] for a in key if a in self.stats]
+            hs = [s for s in hs if s.hessian is not None and s.hessian.shape == (k, k)]
+            if not hs:
+                return None
+            h = sum(s.hessian for s in hs) / max(sum(s.rows for s in hs), 1)  # type: ignore[misc]
+            factor = self.factors[key] = factor_hessian(h, self.config)
+            del h
+        wk = w if axis == 0 else w.T
+        q, scale, zp = gptq_quantize(wk, factor, wtype, block, symmetric, self.config)
+        if name not in self.done:
+            self.done.add(name)
+            self.remaining[key] -= 1
+            if self.remaining[key] <= 0:  # released: bounded memory while the pass runs
+                self.factors.pop(key, None)
+                for a in key:
+                    if all(
+                        tuple(t.activations) == key or a not in t.activations for t in self.targets.values()
+                    ):
+                        self.stats.pop(a, None)
+        self.seconds += time.perf_counter() - t0
+        if axis == 1:
+            return q.T, scale.T, None if zp is None else zp.T
+        return q, scale, zp
+
+
+# ------------------------------------------------------------------------------------------------
+# AWQ
+# ------------------------------------------------------------------------------------------------
+
+
+def _rtn(w: np.ndarray, wtype: WeightType, block: int | None, symmetric: bool) -> np.ndarray:
+    """``w [K, N]`` quantized to nearest and dequantized (blocks along K)."""
+    q, scale, zp = quantize_blocks(np.asarray(w, np.float32), wtype, 0, block, symmetric)
+    return dequantize_blocks(q, scale, zp, 0, block)
+
+
+def awq_search_scale(
+    mean_abs: np.ndarray,
+    x: np.ndarray,
+    weights: list[np.ndarray],
+    wtype: WeightType,
+    block: int | None,
+    symmetric: bool,
+    grid: int,
+) -> tuple[np.ndarray, float]:
+    """The AWQ scale ``s [K]`` (and its α) minimising the group's output error on rows ``x``."""
+    wcat = np.concatenate([np.asarray(w, np.float32) for w in weights], axis=1)
+    x = np.asarray(x, np.float32)
+    ref = x @ wcat
+    best = (np.inf, np.ones(len(mean_abs), np.float32), 0.0)
+    base = np.maximum(np.asarray(mean_abs, np.float64), 1e-8)
+    for i in range(grid):
+        alpha = i / grid
+        s = np.maximum(base**alpha, 1e-4)
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        wq = _rtn(wcat * s[:, None], wtype, block, symmetric) / s[:, None]
+        loss = float(np.mean((x @ wq - ref) ** 2))
+        if loss < best[0]:
+            best = (loss, s, alpha)
+    return best[1], best[2]
+
+
+def awq_clip(
+    w: np.ndarray,
+    x: np.ndarray,
+    wtype: WeightType,
+    block: int | None,
+    symmetric: bool,
+    clip_grid: int,
+    max_shrink: float,
+) -> np.ndarray:
+    """``w [K, N]`` clamped per block and output channel to the shrunk range that minimises the
+    block's partial output error ``‖x_b·(Q(clamp(w_b)) − w_b)‖²`` on rows ``x``."""
+    w = np.array(w, np.float32)
+    k = w.shape[0]
+    g = k if block is None else block
+    x = np.asarray(x, np.float32)
+    steps = max(1, int(max_shrink * clip_grid))
+    for b0 in range(0, k, g):
+        wb = w[b0 : b0 + g]
+        xb = x[:, b0 : b0 + g]
+        ref = xb @ wb
+        absmax = np.abs(wb).max(axis=0)
+        best_err = np.full(w.shape[1], np.inf)
+        best_max = absmax.copy()
+        for i in range(steps):
+            m = absmax * (1.0 - i / clip_grid)
+            wc = np.clip(wb, -m, m)
+            deq = _rtn(wc, wtype, None, symmetric)
+            err = np.mean((xb @ deq - ref) ** 2, axis=0)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_max = np.where(better, m, best_max)
+        w[b0 : b0 + g] = np.clip(wb, -best_max, best_max)
+    return w
+
+
+@dataclass
+class AWQReport:
+    """What :func:`apply_awq` did."""
+
+    scaled: dict[str, tuple[float, str]] = field(default_factory=dict)  # activation → (α, where folded)
+    scales: dict[str, np.ndarray] = field(default_factory=dict)  # activation → s (applied)
+    clipped: int = 0
+
+
+def apply_awq(
+    model: ir.Model,
+    targets: dict[str, Target],
+    stats: dict[str, ActivationStats],
+    spec: QuantSpec,
+    config: AWQ,
+) -> AWQReport:
+    """AWQ's scale search, folding and clip search on ``model`` in place (module docstring)."""
+    graph = model.graph
+    wtype = WEIGHT_TYPES[spec.dtype]
+    block = getattr(spec.granularity, "size", None)
+    symmetric = wtype.signed
+    report = AWQReport()
+    arrays: dict[str, np.ndarray] = {}  # modified weights, [K, N] orientation for targets
+
+    def weight(name: str) -> np.ndarray:
+        if name not in arrays:
+            t = targets[name]
+            w = np.array(t.value.const_value.numpy(), np.float32)  # type: ignore[union-attr]
+            arrays[name] = np.ascontiguousarray(w.T) if t.transposed else w
+        return arrays[name]
+
+    # groups: activation → targets reading only it
+    groups: dict[str, list[str]] = {}
+    for name, t in targets.items():
+        if len(t.activations) == 1 and t.activations[0] in stats:
+            groups.setdefault(t.activations[0], []).append(name)
+    values = {v.name: v for v in _all_values(graph)}
+    scales: dict[str, np.ndarray] = {}
+    for act, names in groups.items():
+        st = stats[act]
+        if st.sample_rows is None or st.abs_sum is None:
+            continue
+        k = weight(names[0]).shape[0]
+        if any(weight(n).shape[0] != k for n in names) or st.sample_rows.shape[1] != k:
+            continue
+        s, alpha = awq_search_scale(
+            st.mean_abs(), st.sample_rows, [weight(n) for n in names], wtype, block, symmetric, config.grid
+        )
+        if alpha == 0.0:
+            report.scaled[act] = (0.0, "not scaled (α = 0 is best)")
+            continue
+        scales[act] = s
+        report.scaled[act] = (alpha, "")
+    namer = Namer(graph)
+    for act, s in scales.items():
+        for n in groups[act]:
+            arrays[n] = weight(n) * s[:, None]
+        report.scaled[act] = (
+            report.scaled[act][0],
+            _fold(graph, namer, values[act], s, groups[act], targets, weight, arrays),
+        )
+    if config.clip:
+        for act, names in groups.items():
+            st = stats[act]
+            if st.sample_rows is None:
+                continue
+            x = st.sample_rows / scales[act][None, :] if act in scales else st.sample_rows
+            for n in names:
+                if weight(n).shape[0] == x.shape[1]:
+                    arrays[n] = awq_clip(
+                        weight(n), x, wtype, block, symmetric, config.clip_grid, config.max_shrink
+                    )
+                    report.clipped += 1
+    report.scales = scales
+    for name, w in arrays.items():
+        _write_back(targets[name].value, np.ascontiguousarray(w.T) if targets[name].transposed else w)
+    return report
+
+
+def _fold(graph, namer, x: ir.Value, s, group, targets, weight, arrays) -> str:
+    """Fold ``1/s`` into ``x``'s producer, or insert ``Mul(x, 1/s)`` before the group's readers."""
+    readers = {id(n) for name in group for n in targets[name].readers}
+    only_group = not x.is_graph_output() and all(  # Shape/Size read no values: scaling is invisible
+        id(node) in readers or node.op_type in ("Shape", "Size") for node, _ in x.uses()
+    )
+    producer = x.producer()
+    inv = (1.0 / s).astype(np.float32)
+    if (
+        only_group
+        and producer is not None
+        and producer.op_type == "Mul"
+        and producer.domain in ("", "ai.onnx")
+    ):
+        k = len(s)
+        for idx, operand in enumerate(producer.inputs):
+            c = _resolve_constant(operand)
+            other = producer.inputs[1 - idx]
+            if c is None or _resolve_constant(other) is not None:
+                continue
+            if not (c.size == 1 or (c.size == k and c.shape[-1] == k)):
+                continue
+            folded = (np.broadcast_to(c.reshape(-1), (k,)) * inv).astype(c.dtype)
+            name = namer(f"{operand.name or 'awq'}_awq")
+            new = ir.Value(name=name, const_value=ir.Tensor(folded, name=name))
+            new.shape, new.dtype = ir.Shape([k]), ir.DataType.from_numpy(folded.dtype)
+            graph.register_initializer(new)
+            producer.replace_input_with(idx, new)
+            return f"into {producer.name} (constant {operand.name})"
+        for operand in producer.inputs:  # Mul(a, MatMul(y, W_up)): scale W_up's output columns
+            where = _fold_into_matmul(operand, x, inv, targets, weight, arrays)
+            if where:
+                return where
+    if only_group and producer is not None:
+        where = _fold_into_matmul(x, x, inv, targets, weight, arrays)
+        if where:
+            return where
+    node = ir.node("Mul", [x, None], name=namer(f"{x.name}_awq/Mul"))
+    inv_name = namer(f"{x.name}_awq_inv_scale")
+    dtype = x.dtype or ir.DataType.FLOAT
+    inv_v = ir.Value(name=inv_name, const_value=ir.Tensor(inv.astype(dtype.numpy()), name=inv_name))
+    inv_v.shape, inv_v.dtype = ir.Shape([len(s)]), dtype
+    graph.register_initializer(inv_v)
+    node.replace_input_with(1, inv_v)
+    node.outputs[0].name = namer(f"{x.name}_awq")
+    node.outputs[0].shape, node.outputs[0].dtype = x.shape, dtype
+    first = min((n for name in group for n in targets[name].readers), key=_order(graph))
+    graph.insert_before(first, node)
+    for name in group:
+        for r in targets[name].readers:
+            r.replace_input_with(0, node.outputs[0])
+    return f"Mul {node.name} inserted"
+
+
+def _fold_into_matmul(v: ir.Value | None, x: ir.Value, inv, targets, weight, arrays) -> str:
+    """Scale the output columns of the constant weight of the MatMul producing ``v`` (only read
+    there, ``v`` only read on the way to ``x``)."""
+    if v is None:
+        return ""
+    mm = v.producer()
+    if mm is None or mm.op_type != "MatMul" or len(v.uses()) != 1 or v.is_graph_output():
+        return ""
+    w_v = mm.inputs[1]
+    if w_v is None or w_v.const_value is None or len(w_v.uses()) != 1 or w_v.shape is None:
+        return ""
+    if len(w_v.shape) != 2 or w_v.shape[1] != len(inv):
+        return ""
+    if w_v.name in targets and not targets[w_v.name].transposed:
+        arrays[w_v.name] = weight(w_v.name) * inv[None, :]
+    else:
+        _write_back(w_v, np.asarray(w_v.const_value.numpy(), np.float32) * inv[None, :])
+    return f"into the output columns of {w_v.name} ({mm.name})"
+
+
+def _write_back(value: ir.Value, array: np.ndarray) -> None:
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    value.const_value = ir.Tensor(np.ascontiguousarray(array.astype(dtype)), name=value.name)
+
+
+def _order(graph: ir.Graph) -> Callable[[ir.Node], int]:
+    order = {id(n): i for i, n in enumerate(graph)}
+    return lambda n: order[id(n)]
+
+
+def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_algorithm` hands the weight-only pipeline."""
+
+    quantizer: GPTQQuantizer | None
+    references: tuple[list, list]
+    samples: int
+    notes: list[str]
+
+
+def prepare_algorithm(
+    model: ir.Model,
+    config: QuantConfig,
+    samples: Iterable[dict[str, np.ndarray]],
+    exclude: Callable[[ir.Node], str] | None = None,
+    *,
+    keep: int = 0,
+    progress: bool = False,
+) -> Prepared:
+    """Gather the statistics of ``config.algorithm`` in one pass over ``samples`` and apply AWQ, or
+    return the GPTQ hook for the weight-only pass (module docstring)."""
+    import time
+
+    algo = config.algorithm
+    assert isinstance(config.weights, QuantSpec) and algo is not None
+    t0 = time.perf_counter()
+    targets = find_targets(model, exclude)
+    acts = [a for t in targets.values() for a in t.activations]
+    is_gptq = isinstance(algo, GPTQ)
+    awq = algo.awq if isinstance(algo, GPTQ) else algo
+    stats, n, kept_in, kept_out = collect_statistics(
+        model,
+        acts,
+        samples,
+        hessian=is_gptq,
+        max_rows=0 if awq is None else awq.max_rows,
+        keep=keep,
+        progress=progress,
+    )
+    t_stats = time.perf_counter() - t0
+    notes = [
+        f"{type(algo).__name__}: statistics of {len(stats)} activations for {len(targets)} weights "
+        f"from {n} calibration samples in {t_stats:.1f} s"
+    ]
+    if awq is not None:
+        t1 = time.perf_counter()
+        report = apply_awq(model, targets, stats, config.weights, awq)
+        inserted = sum(1 for _, where in report.scaled.values() if where.startswith("Mul"))
+        scaled = sum(1 for a, _ in report.scaled.values() if a > 0)
+        notes.append(
+            f"AWQ: {scaled} of {len(report.scaled)} activations scaled ({inserted} Mul inserted), "
+            f"{report.clipped} weights clip-searched, {time.perf_counter() - t1:.1f} s"
+        )
+        log.debug("AWQ folds: %s", report.scaled)
+        for act, s in report.scales.items():  # GPTQ then sees X / s: H ← diag(1/s) H diag(1/s)
+            st = stats[act]
+            if st.hessian is not None:
+                inv = 1.0 / s.astype(np.float64)
+                st.hessian = st.hessian * inv[:, None] * inv[None, :]
+        for st in stats.values():
+            st.sample_rows = st.sample_keys = st.abs_sum = None
+    if is_gptq:
+        return Prepared(GPTQQuantizer(algo, targets, stats), (kept_in, kept_out), n, notes)  # type: ignore[arg-type]
+    del stats
+    return Prepared(None, (kept_in, kept_out), n, notes)
+
+
+__all__ = [
+    "ActivationStats",
+    "GPTQQuantizer",
+    "apply_awq",
+    "awq_clip",
+    "awq_search_scale",
+    "collect_statistics",
+    "find_targets",
+    "gptq_quantize",
+    "prepare_algorithm",
+]

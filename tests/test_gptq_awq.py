@@ -1,0 +1,222 @@
+"""GPTQ and AWQ weight-only quantization (onnxq.weight_algorithms)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq import AWQ, GPTQ, CalibrationDataError, ConfigError, QuantConfig
+from onnxq.lowbit import WEIGHT_TYPES, dequantize_blocks, quantize_blocks
+from onnxq.weight_algorithms import ActivationStats, gptq_quantize
+
+
+def _activations(rows: int = 512, k: int = 256, seed: int = 0) -> np.ndarray:
+    """Correlated activations with a few outlier channels (what transformers' MatMuls read)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.eye(k)
+    x = rng.standard_normal((rows, k)) @ mix
+    x[:, rng.choice(k, 8, replace=False)] *= 12.0
+    return x.astype(np.float32)
+
+
+def _weight(k: int = 256, n: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) * 0.05
+
+
+def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], optimized=None) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [sess.run(None, f)[0] for f in feeds]
+
+
+def _rel_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(ref, got, strict=True))
+    return num / sum(float(np.sum(a.astype(np.float64) ** 2)) for a in ref)
+
+
+# --- the algorithms on one hand-built MatMul ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "block"), [("int4", 64), ("int4", None), ("uint4", 32), ("int8", 128)])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_beats_rtn_on_calibration_output(dtype: str, block: int | None, act_order: bool) -> None:
+    x, w = _activations(), _weight()
+    wtype = WEIGHT_TYPES[dtype]
+    sym = wtype.signed
+    q, scale, zp = gptq_quantize(w, x.T.astype(np.float64) @ x, wtype, block, sym, GPTQ(act_order=act_order))
+    rq, rscale, rzp = quantize_blocks(w, wtype, 0, block, sym)
+    # exactly RTN's layout: same shapes and dtypes, so the weight-only pass emits the same nodes
+    assert (q.shape, q.dtype, scale.shape, scale.dtype) == (rq.shape, rq.dtype, rscale.shape, rscale.dtype)
+    assert (zp is None) == (rzp is None) and (zp is None or zp.shape == rzp.shape)
+    err = np.sum((x @ w - x @ dequantize_blocks(q, scale, zp, 0, block)) ** 2)
+    err_rtn = np.sum((x @ w - x @ dequantize_blocks(rq, rscale, rzp, 0, block)) ** 2)
+    assert err < 0.8 * err_rtn, (err, err_rtn)
+
+
+def test_gptq_handles_dead_inputs_and_ragged_blocks() -> None:
+    x, w = _activations(k=200), _weight(k=200)
+    x[:, :5] = 0.0  # channels never active: their rows are zeroed, H stays invertible
+    q, scale, _ = gptq_quantize(w, x.T.astype(np.float64) @ x, WEIGHT_TYPES["int4"], 64, True, GPTQ())
+    assert scale.shape == (4, 64) and np.all(np.asarray(q[:5], np.int8) == 0)
+
+
+@pytest.mark.parametrize(
+    "algorithm", [GPTQ(), GPTQ(act_order=False, clip_grid=0), AWQ(), AWQ(clip=False), GPTQ(awq=AWQ())]
+)
+def test_matmul_model_error_below_rtn(algorithm) -> None:
+    x, w = _activations(rows=64 * 8), _weight()
+    feeds = [{"x": x[i : i + 64]} for i in range(0, len(x), 64)]
+    model = _matmul_model(w)
+    ref = _run(model, feeds)
+    rtn = onnxq.quantize(model, config=QuantConfig.weight_only("int4", 64), progress=False)
+    res = onnxq.quantize(
+        model, feeds, config=QuantConfig.weight_only("int4", 64, algorithm=algorithm), progress=False
+    )
+    assert res.summary.calibration_samples == len(feeds)
+    err = _rel_error(ref, _run(onnx.load_from_string(onnxq_bytes(res)), feeds))
+    err_rtn = _rel_error(ref, _run(onnx.load_from_string(onnxq_bytes(rtn)), feeds))
+    assert err < 0.9 * err_rtn, (err, err_rtn)
+    ops = [n.op_type for n in res.model.graph]
+    # X is a graph input: AWQ has no producer to fold into and inserts one Mul; GPTQ changes no node
+    assert ops.count("Mul") == (0 if isinstance(algorithm, GPTQ) and algorithm.awq is None else 1)
+
+
+def onnxq_bytes(result) -> bytes:
+    import onnx_ir as ir
+
+    return ir.to_proto(result.model).SerializeToString()
+
+
+# --- tiny-llama: whole model, folding, ORT fusion -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama():
+    import models
+
+    return models.build("tiny-llama"), models.sample_inputs("tiny-llama", 8, seq_len=32)
+
+
+def _logits_error(fp32, model_bytes: bytes, feeds) -> float:
+    ref = _run(onnx.load(str(fp32)), feeds)
+    return _rel_error(ref, _run(onnx.load_from_string(model_bytes), feeds))
+
+
+@pytest.mark.parametrize(
+    "algorithm", [GPTQ(), GPTQ(act_order=False, static_groups=True), AWQ(), GPTQ(awq=AWQ(clip=False))]
+)
+def test_tiny_llama_better_than_rtn_and_fused_by_ort(tmp_path, llama, algorithm) -> None:
+    fp32, feeds = llama
+    rtn = onnxq.quantize(fp32, config=QuantConfig.weight_only("int4", 32), output=tmp_path / "rtn.onnx")
+    config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
+    out = tmp_path / "algo.onnx"
+    result = onnxq.quantize(fp32, feeds, config=config, output=out, progress=False)
+    s = result.summary
+    assert s.calibration_samples == len(feeds) and s.fidelity  # fidelity from the same pass
+    assert any(type(algorithm).__name__ in n for n in s.notes)
+    err = _logits_error(fp32, out.read_bytes(), feeds)
+    err_rtn = _logits_error(fp32, rtn.output_path.read_bytes(), feeds)
+    assert err < err_rtn, (err, err_rtn)
+    _run(onnx.load(str(out)), feeds[:1], optimized=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 15  # every MatMul weight still fuses (lm_head included)
+    if isinstance(algorithm, AWQ) or algorithm.awq is not None:
+        # RMSNorm gammas and up_proj absorb 1/s; only o_proj's input (after Reshape) needs a Mul
+        written = onnx.load(str(out))
+        inserted = [n for n in written.graph.node if n.op_type == "Mul" and n.name.endswith("_awq/Mul")]
+        assert len(inserted) <= 2
+
+
+def test_tiny_llama_matmul_nbits_format(llama) -> None:
+    fp32, feeds = llama
+    config = QuantConfig.weight_only("int4", 32, algorithm=GPTQ(), weight_format="matmul_nbits")
+    result = onnxq.quantize(fp32, feeds, config=config, progress=False)
+    assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == 15
+    assert min(f.cosine for f in result.summary.fidelity) > 0.98
+
+
+def test_generator_data_is_read_once(llama) -> None:
+    fp32, feeds = llama
+    seen = []
+
+    def gen():
+        for f in feeds:
+            seen.append(1)
+            yield f
+
+    result = onnxq.quantize(fp32, gen(), config=QuantConfig.weight_only("int4", 32, algorithm=AWQ()))
+    assert len(seen) == len(feeds) == result.summary.calibration_samples
+    assert result.summary.fidelity
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def test_activation_stats_merge_equals_one_pass() -> None:
+    x = _activations(rows=300, k=16)
+    keys = np.random.default_rng(3).random(300)
+    whole = ActivationStats(True, 50)
+    for i in range(0, 300, 60):
+        whole.update(x[i : i + 60], keys[i : i + 60])
+    a, b = ActivationStats(True, 50), ActivationStats(True, 50)
+    for i in range(0, 300, 60):
+        (a if i < 120 else b).update(x[i : i + 60], keys[i : i + 60])
+    merged = a.merge(b)
+    assert merged.rows == whole.rows == 300
+    np.testing.assert_allclose(merged.hessian, whole.hessian, rtol=1e-10)
+    np.testing.assert_allclose(merged.mean_abs(), np.abs(x).mean(0), rtol=1e-5)
+    assert len(whole.sample_rows) == 50
+    np.testing.assert_array_equal(np.sort(merged.sample_keys), np.sort(whole.sample_keys))
+    np.testing.assert_array_equal(np.sort(merged.sample_keys), np.sort(keys)[:50])
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_errors() -> None:
+    for algo in (
+        GPTQ(),
+        GPTQ(damp=0.05, act_order=False, static_groups=True, clip_grid=0),
+        AWQ(grid=10, clip=False),
+        GPTQ(awq=AWQ(max_rows=64)),
+    ):
+        config = QuantConfig.weight_only("int4", 128, algorithm=algo, exclude_op_types=("Gather",))
+        again = QuantConfig.from_json(config.to_json())
+        assert again == config and again.algorithm == algo
+    assert QuantConfig.weight_only("int4").algorithm is None  # RTN stays the default
+    with pytest.raises(ConfigError, match="weight-only"):
+        QuantConfig(algorithm=GPTQ())  # static int8 config
+    with pytest.raises(ConfigError, match="integer"):
+        QuantConfig.weight_only("float8e4m3fn", 32, algorithm=AWQ())
+    with pytest.raises(ConfigError, match="damp"):
+        GPTQ(damp=-1)
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        QuantConfig.from_dict({**QuantConfig.weight_only("int4").to_dict(), "algorithm": {"kind": "SpQR"}})
+    with pytest.raises(ConfigError, match="unknown GPTQ algorithm keys"):
+        QuantConfig.from_dict(
+            {**QuantConfig.weight_only("int4").to_dict(), "algorithm": {"kind": "GPTQ", "bits": 3}}
+        )
+
+
+def test_missing_calibration_data_is_a_clear_error() -> None:
+    model = _matmul_model(_weight())
+    with pytest.raises(CalibrationDataError, match="GPTQ\\(\\) needs calibration data"):
+        onnxq.quantize(model, config=QuantConfig.weight_only("int4", 64, algorithm=GPTQ()))
