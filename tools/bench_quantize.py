@@ -98,7 +98,7 @@ LABELS = {
 }
 DEFAULT_MODELS = "bert-base,minilm-random"
 WORKER_TIMEOUT_S = 3600
-MODES = ("minmax", "methods")
+MODES = ("minmax", "methods", "dynamic", "weight-only")
 CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy", "MSE")
 # Weight-only int4 block 128 (MatMul/Gemm weights; tables stay float): round-to-nearest, GPTQ, AWQ.
 WEIGHT_ONLY_METHODS = ("RTN4", "GPTQ", "AWQ")
@@ -1046,7 +1046,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=MODES,
         default="minmax",
         help="minmax: onnxq default vs ORT MinMax S8S8/U8S8 with latency (default, `make bench`); "
-        "methods: every calibration method of onnxq vs ORT's same method, at every --samples count",
+        "methods: every calibration method of onnxq vs ORT's same method, at every --samples count; "
+        "dynamic: onnxq Dynamic() vs ORT quantize_dynamic (tools/bench_dynamic.py); weight-only: onnxq "
+        "int4/int8 weight-only vs ORT's MatMulNBits quantizer (tools/bench_weight_only.py)",
     )
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated recipe names")
     p.add_argument(
@@ -1118,6 +1120,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_fidelity_worker(args)
     if args.worker:
         return run_quantize_worker(args)
+
+    if args.mode in ("dynamic", "weight-only"):  # their own tools, same measurement rules
+        import importlib
+
+        tool = importlib.import_module("bench_dynamic" if args.mode == "dynamic" else "bench_weight_only")
+        forwarded = ["--models", args.models] if args.models != DEFAULT_MODELS else []
+        return tool.main(forwarded + (["--json", args.json] if args.json else []))
 
     t0 = time.perf_counter()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
