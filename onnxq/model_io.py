@@ -18,7 +18,7 @@ import logging
 import mmap
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
@@ -245,7 +245,10 @@ def _check_external_data(model: ir.Model, base_dir: Path) -> None:
 
 
 def save_model(
-    model: ir.Model, output: str | os.PathLike, verify: Callable[[Path], None] | None = None
+    model: ir.Model,
+    output: str | os.PathLike,
+    verify: Callable[[Path], None] | None = None,
+    repoint_from: Sequence[Path] = (),
 ) -> Path:
     """Write ``model`` to ``output`` atomically and return the path.
 
@@ -263,7 +266,8 @@ def save_model(
 
     The model keeps its tensors, except that: file-backed weights are released (unmapped) once
     written; those backed by a file this save replaces (``output`` itself or its ``.data``) are
-    pointed at the same bytes in the new file; file-backed weights of subgraphs (and, for external
+    pointed at the same bytes in the new file, and so are those backed by a file in ``repoint_from``
+    (a temporary file the caller removes afterwards); file-backed weights of subgraphs (and, for external
     data, those of 256 bytes or less) are copied into memory, as before.
     """
     output = Path(output)
@@ -277,7 +281,7 @@ def save_model(
     )
     external = total > PROTOBUF_LIMIT_BYTES
     data_name = output.name + ".data"
-    replaced = _replaced_tensors(model, [output, folder / data_name])
+    replaced = _replaced_tensors(model, [output, folder / data_name, *repoint_from])
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=folder) as tmp:
         tmp_model = Path(tmp) / output.name
         try:

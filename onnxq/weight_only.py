@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, Quantiza
 from onnxq.lowbit import WEIGHT_TYPES
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.upgrade_opset import UpgradeOpset
-from onnxq.passes.weight_only import WeightOnlyQuantize
+from onnxq.passes.weight_only import SpillFile, WeightOnlyQuantize
 from onnxq.result import FloatNode, QuantizationResult, QuantizationSummary
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,12 @@ def quantize_weight_only(
     if algorithm is None:
         references = _fp32_outputs(model, ir_model, samples) if samples is not None else ([], [])
     wo = WeightOnlyQuantize(config.weights, config.weight_format, _excluder(config))
+    spill_dir = None
+    if output is not None:  # quantized weights wait for the save in a file, not in memory
+        spill_dir = tempfile.TemporaryDirectory(
+            prefix=f".{Path(output).name}.spill-", dir=Path(output).parent
+        )
+        wo.spill = SpillFile(Path(spill_dir.name))
     extra_notes: list[str] = []
     n_calib = 0
     try:
@@ -154,7 +161,11 @@ def quantize_weight_only(
         ir_model.opset_imports.setdefault("com.microsoft", 1)
     ir_model.producer_name, ir_model.producer_version = "onnxq", pipeline._version()
     if output is not None:
-        save_model(ir_model, output, verify=pipeline.check_model_file)
+        wo.spill.close()  # type: ignore[union-attr]
+        try:  # the spilled weights are pointed at their bytes in the saved file
+            save_model(ir_model, output, verify=pipeline.check_model_file, repoint_from=[wo.spill.path])  # type: ignore[union-attr]
+        finally:
+            spill_dir.cleanup()  # type: ignore[union-attr]
         size_after = pipeline._file_size(output)
     else:
         pipeline._check_in_memory(ir_model)
@@ -213,4 +224,3 @@ def _fp32_outputs(model: Any, ir_model: ir.Model, samples) -> tuple[list, list]:
 
 
 __all__ = ["is_weight_only", "quantize_weight_only", "required_opset"]
-

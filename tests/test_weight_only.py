@@ -279,3 +279,32 @@ def test_streaming_holds_about_one_weight(tmp_path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3.0 * one, f"peak {peak / 1e6:.1f} MB for {layers} weights of {one / 1e6:.1f} MB"
+
+
+def test_quantized_weights_wait_for_the_save_in_a_file_not_in_memory(
+    model_path, tmp_path, monkeypatch
+) -> None:
+    """With an output path, each quantized weight goes to a private spill file as it is made; the
+    saved bytes are those of the in-memory route, the result's weights then read from the saved file,
+    and no spill file is left behind."""
+    import onnx_ir as ir
+
+    from onnxq.model_io import save_model
+    from onnxq.passes import weight_only
+
+    monkeypatch.setattr(weight_only.SpillFile, "MIN_BYTES", 0)  # spill every tensor of the tiny model
+    config = QuantConfig.weight_only("int4", 32)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    result = onnxq.quantize(model_path("tiny-llama"), config=config, output=out, progress=False)
+    in_memory = onnxq.quantize(model_path("tiny-llama"), config=config, progress=False)
+    save_model(in_memory.model, tmp_path / "reference.onnx")
+    assert out.read_bytes() == (tmp_path / "reference.onnx").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+    external = [
+        v.const_value
+        for v in result.model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    ]
+    assert external and all(t.path == str(out.resolve()) for t in external)
+    assert all(t.numpy() is not None for t in external)  # still readable from the saved file

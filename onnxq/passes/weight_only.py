@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -160,6 +161,38 @@ def _first_use(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
     return min(nodes, key=lambda n: order[id(n)])
 
 
+class SpillFile:
+    """An append-only file in a private folder that quantized weights move to as they are made."""
+
+    MIN_BYTES = 2**20  # smaller tensors stay in memory
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / "weights.bin"
+        self.file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+
+    def take(self, value: ir.Value) -> None:
+        """Write ``value``'s in-memory tensor to the file and point the value at it."""
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.MIN_BYTES:
+            return
+        offset = self.file.tell()
+        data = tensor.tobytes()
+        self.file.write(data)
+        self.file.flush()
+        value.const_value = ir.ExternalTensor(
+            self.path.name,
+            offset,
+            len(data),
+            tensor.dtype,
+            shape=tensor.shape,
+            name=value.name,
+            base_dir=self.path.parent,
+        )
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class WeightOnlyQuantize(ir.passes.InPlacePass):
     """Replace MatMul/Gemm/Gather weights by ``spec`` weights (see the module docstring)."""
 
@@ -176,6 +209,9 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         # Optional hook (name, w, wtype, axis, block, symmetric) -> (q, scale, zero_point) | None that
         # replaces round-to-nearest for MatMul/Gemm weights (GPTQ: onnxq.weight_algorithms).
         self.precomputed = None
+        # Optional file the quantized weights are written to as they are made (then held as
+        # file-backed tensors): memory holds one weight at a time however big the model.
+        self.spill: SpillFile | None = None
 
     # --- driver ----------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -206,11 +242,15 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 continue
             self.largest_weight = max(self.largest_weight, const.nbytes)
             w = const.numpy()
+            before = set(graph.initializers)
             try:
                 self._quantize(graph, value, np.asarray(w), uses)
             finally:
                 del w
                 release(value)
+            if self.spill is not None:
+                for new in set(graph.initializers) - before:
+                    self.spill.take(graph.initializers[new])
             for node in readers:
                 self.quantized[node.op_type] = self.quantized.get(node.op_type, 0) + 1
             for t, _ in uses.transposed:
