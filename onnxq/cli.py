@@ -234,6 +234,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print("ops:")
     for op, n in collections.Counter(n.op_type for n in model.graph).most_common():
         print(f"  {op:<28} {n:>5}")
+    if args.plan and _config(args).activations is None:  # weight-only: no activation plan
+        from onnxq.passes.weight_only import WeightOnlyQuantize
+        from onnxq.weight_only import describe, excluder
+
+        config = _config(args)
+        wo = WeightOnlyQuantize(config.weights, config.weight_format, excluder(config))
+        wo.dry_run = True
+        wo(model)
+        print(f"plan: weight-only {describe(config)}; activations stay float, no calibration")
+        for name, reason in wo.skipped.items():
+            print(f"  {name:<48} {'weight':<18} float: {reason}")
+        print("would quantize: " + ", ".join(f"{op} {n}" for op, n in sorted(wo.quantized.items())))
+        return 0
     if args.plan:
         prepare_model(model)  # the histogram above shows the model as stored; the plan sees it prepared
         plan = make_plan(model, _config(args))
@@ -244,7 +257,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"  {node.name:<48} {node.op_type:<18} {decision}")
         counts = plan.quantized_counts()
         print("would quantize: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
-        print(f"activations to calibrate: {len(plan.calibration_tensors())}")
+        if isinstance(_config(args).calibration, Dynamic):
+            print("activations to calibrate: none (dynamic: quantized at run time)")
+        else:
+            print(f"activations to calibrate: {len(plan.calibration_tensors())}")
     return 0
 
 

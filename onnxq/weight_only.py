@@ -55,7 +55,9 @@ def is_weight_only(config: QuantConfig) -> bool:
     return config.activations is None
 
 
-def _excluder(config: QuantConfig):
+def excluder(config: QuantConfig):
+    """The config's exclusions as a function: node -> why it stays float ("" when it does not)."""
+
     def reason(node: ir.Node) -> str:
         if config.op_types is not None and node.op_type not in config.op_types:
             return f"{node.op_type} not in config.op_types"
@@ -125,7 +127,7 @@ def quantize_weight_only(
         _, samples = peek_samples(calib_data, model_inputs(ir_model), pipeline.FIDELITY_SAMPLES)
     if algorithm is None:
         references = _fp32_outputs(model, ir_model, samples) if samples is not None else ([], [])
-    wo = WeightOnlyQuantize(config.weights, config.weight_format, _excluder(config))
+    wo = WeightOnlyQuantize(config.weights, config.weight_format, excluder(config))
     spill_dir = None
     if output is not None:  # quantized weights wait for the save in a file, not in memory
         spill_dir = tempfile.TemporaryDirectory(
@@ -148,7 +150,7 @@ def quantize_weight_only(
 
             keep = pipeline.FIDELITY_SAMPLES if config.fidelity else 0
             prepared = prepare_algorithm(
-                ir_model, config, samples, _excluder(config), keep=keep, progress=progress
+                ir_model, config, samples, excluder(config), keep=keep, progress=progress
             )
             wo.precomputed, references = prepared.quantizer, prepared.references
             extra_notes, n_calib = prepared.notes, prepared.samples
@@ -171,7 +173,7 @@ def quantize_weight_only(
         pipeline._check_in_memory(ir_model)
         size_after = ir.to_proto(ir_model).ByteSize()
     fidelity = pipeline.measure_fidelity(output or ir_model, *references) if references[0] else ()
-    notes = [f"weight-only: {_describe(config)}; largest float weight {wo.largest_weight / 1e6:.1f} MB"]
+    notes = [f"weight-only: {describe(config)}; largest float weight {wo.largest_weight / 1e6:.1f} MB"]
     notes += extra_notes
     summary = QuantizationSummary(
         quantized_nodes=dict(sorted(wo.quantized.items())),
@@ -187,7 +189,8 @@ def quantize_weight_only(
     return QuantizationResult(output, ir_model, summary)
 
 
-def _describe(config: QuantConfig) -> str:
+def describe(config: QuantConfig) -> str:
+    """One line naming a weight-only config's format and algorithm, for summaries."""
     w = config.weights
     if isinstance(w, Codebook):
         return f"codebook {w.kind} ({w.bits}-bit indices, block {w.block_size})"

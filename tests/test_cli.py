@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+import onnxq
 from onnxq.cli import main
 
 
@@ -126,3 +127,15 @@ def test_method_flag_changes_the_calibrated_scales(calib_npz, tmp_path) -> None:
     assert len(minmax) == len(mse) > 0
     assert all(p <= m * (1 + 1e-6) for p, m in zip(mse, minmax, strict=True))
     assert any(p < m * 0.999 for p, m in zip(mse, minmax, strict=True))
+
+
+def test_inspect_plan_for_weight_only_and_dynamic_configs(model_path, tmp_path, capsys) -> None:
+    weight_only = tmp_path / "wo.json"
+    onnxq.QuantConfig.weight_only("int4", 32).to_json(weight_only)
+    assert main(["inspect", str(model_path("tiny-llama")), "--plan", "--config", str(weight_only)]) == 0
+    out = capsys.readouterr().out
+    assert "plan: weight-only int4" in out and "would quantize: Gather 1, MatMul 15" in out
+    dynamic = tmp_path / "dyn.json"
+    onnxq.QuantConfig(calibration=onnxq.Dynamic()).to_json(dynamic)
+    assert main(["inspect", str(model_path("tiny-bert")), "--plan", "--config", str(dynamic)]) == 0
+    assert "activations to calibrate: none (dynamic" in capsys.readouterr().out

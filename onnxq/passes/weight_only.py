@@ -212,6 +212,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         # Optional file the quantized weights are written to as they are made (then held as
         # file-backed tensors): memory holds one weight at a time however big the model.
         self.spill: SpillFile | None = None
+        self.dry_run = False  # decide and count only (``onnxq inspect --plan``): nothing is changed
 
     # --- driver ----------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -241,6 +242,10 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 self.skipped[name] = reason
                 continue
             self.largest_weight = max(self.largest_weight, const.nbytes)
+            if self.dry_run:
+                for node in readers:
+                    self.quantized[node.op_type] = self.quantized.get(node.op_type, 0) + 1
+                continue
             w = const.numpy()
             before = set(graph.initializers)
             try:
