@@ -136,16 +136,7 @@ def quantize_blocks(
 def _quantize_blocks(
     w: np.ndarray, wtype: WeightType, axis: int, block: int | None, symmetric: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Quantize a 2-D float weight in blocks of ``block`` along ``axis`` (``None``: the whole axis,
-    i.e. per channel of the other axis).
-
-    Returns ``(q, scale, zero_point)``: ``q`` has ``w``'s shape and ``wtype.np_dtype``; ``scale``
-    (float32) and ``zero_point`` (``q``'s dtype, or None when symmetric / float) have ``w``'s shape
-    with ``axis`` replaced by the number of blocks — the layout of blocked DequantizeLinear
-    (``block_size=block``, ``axis=axis``).
-    """
-    if w.ndim != 2:
-        raise ValueError(f"quantize_blocks needs a 2-D weight, got shape {w.shape}")
+    """:func:`quantize_blocks` on one slice, in one go."""
     w = np.asarray(w, np.float32)
     length = w.shape[axis]
     b = length if block is None else block
