@@ -200,6 +200,20 @@ def build_cnn_digits(out_dir: Path) -> None:
     )
 
 
+def _same_function(reference: Path, path: Path, tolerance: float, what: str) -> tuple[float, float]:
+    """Test-split top-1 of ``path`` and its largest logit difference to ``reference``, which must be
+    within ``tolerance`` (the variants are the same function stored differently)."""
+    import onnxruntime as ort
+
+    _, _, x_test, y_test = digits_split()
+    ref = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diff = float(np.abs(ref.run(None, {"input": x_test})[0] - new.run(None, {"input": x_test})[0]).max())
+    if diff > tolerance:
+        raise RuntimeError(f"{what} differs from cnn-digits by {diff}")
+    return onnx_top1(path, x_test, y_test), diff
+
+
 def initializers_to_constants(model: Any) -> Any:
     """Return ``model`` with every graph initializer replaced by a ``Constant`` node (in place).
 
@@ -231,7 +245,6 @@ def build_cnn_digits_constants(out_dir: Path, trained_dir: Path) -> None:
     and logits within 1e-4 of the ``cnn-digits`` model on the test split.
     """
     import onnx
-    import onnxruntime as ort
 
     net = _load_trained_net(trained_dir / STATE_FILE)
     path = out_dir / "model.onnx"
@@ -240,13 +253,7 @@ def build_cnn_digits_constants(out_dir: Path, trained_dir: Path) -> None:
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
 
-    _, _, x_test, y_test = digits_split()
-    ref = ort.InferenceSession(str(trained_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    new = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    diff = float(np.abs(ref.run(None, {"input": x_test})[0] - new.run(None, {"input": x_test})[0]).max())
-    if diff > 1e-4:
-        raise RuntimeError(f"opset-11 constants export differs from cnn-digits by {diff}")
-    acc = onnx_top1(path, x_test, y_test)
+    acc, diff = _same_function(trained_dir / "model.onnx", path, 1e-4, "opset-11 constants export")
     logger.info("cnn-digits-opset11-constants: fp32 test top-1 %.4f (max |diff| %.2e)", acc, diff)
     _write_metrics(
         out_dir,
@@ -295,19 +302,12 @@ def build_cnn_digits_unbalanced(out_dir: Path, trained_dir: Path) -> None:
     rounding of the scaled weights), same fp32 top-1.
     """
     import onnx
-    import onnxruntime as ort
 
     model, _ = unbalance_channels(onnx.load(str(trained_dir / "model.onnx")))
     path = out_dir / "model.onnx"
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    _, _, x_test, y_test = digits_split()
-    ref = ort.InferenceSession(str(trained_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    new = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    diff = float(np.abs(ref.run(None, {"input": x_test})[0] - new.run(None, {"input": x_test})[0]).max())
-    if diff > 1e-3:
-        raise RuntimeError(f"unbalanced cnn-digits differs from cnn-digits by {diff}")
-    acc = onnx_top1(path, x_test, y_test)
+    acc, diff = _same_function(trained_dir / "model.onnx", path, 1e-3, "unbalanced cnn-digits")
     logger.info("cnn-digits-unbalanced: fp32 test top-1 %.4f (max |diff| %.2e)", acc, diff)
     _write_metrics(
         out_dir,
