@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every pass")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="static int8 quantization with calibration data")
+    q = sub.add_parser(
+        "quantize", help="quantize: static (with calibration data), --method dynamic, or --weight-only TYPE"
+    )
     q.add_argument("model", help="an .onnx file, or a folder holding one")
     q.add_argument(
         "--calib",
