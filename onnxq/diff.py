@@ -364,9 +364,11 @@ def _infer(proto: onnx.ModelProto, sample: Sample) -> tuple[dict[str, int], dict
 
 
 def _chunks(names: Sequence[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
-    """``names`` in order, cut into runs whose known sizes add up to at most ``budget`` (an unknown
-    size counts as the largest known one)."""
-    fallback = max(sizes.values(), default=budget // 16)
+    """``names`` in order, cut into runs whose known sizes add up to at most ``budget``. An unknown
+    size (shape inference could not tell) counts as the median known one: counting it as the
+    largest (a decoder's logits, larger than the budget) would give every such tensor a pass of
+    its own."""
+    fallback = int(np.median(list(sizes.values()))) if sizes else budget // 16
     chunks: list[list[str]] = []
     current: list[str] = []
     total = 0
