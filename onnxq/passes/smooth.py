@@ -34,6 +34,8 @@ from onnxq.qmath import IntType, int_type, scale_zero_point
 log = logging.getLogger(__name__)
 
 _MIN_SCALE = 1e-5
+# Ops that read only a tensor's shape: scaling its values does not concern them.
+_SHAPE_ONLY = {"Shape", "Size"}
 
 
 @dataclass
@@ -173,7 +175,8 @@ def fold_into_producer(
 ) -> str | None:
     """Divide ``x``'s channels by ``s`` inside the node that produces it (see the module docstring);
     returns what was folded into, or None when no fold applies (nothing is changed then)."""
-    if x.is_graph_output() or sorted(id(u.node) for u in x.uses()) != sorted(id(n) for n in readers):
+    value_readers = [u.node for u in x.uses() if u.node.op_type not in _SHAPE_ONLY]
+    if x.is_graph_output() or sorted(map(id, value_readers)) != sorted(map(id, readers)):
         return None
     node, k = x.producer(), s.size
     if node is None:

@@ -275,11 +275,13 @@ def fold_model(kind: str, seed: int = 0) -> onnx.ModelProto:
             helper.make_node("Mul", ["act", "u"], ["h"], name="gated"),
         ]
     nodes += [
+        helper.make_node("Shape", ["h"], ["h_shape"], name="shape_of_h"),  # reads the shape only
         helper.make_node("MatMul", ["h", "W1"], ["y1"], name="mm1"),
         helper.make_node("MatMul", ["h", "W2"], ["y2"], name="mm2"),
-        helper.make_node("Add", ["y1", "y2"], ["out"], name="sum"),
+        helper.make_node("Add", ["y1", "y2"], ["y_sum"], name="sum"),
+        helper.make_node("Reshape", ["y_sum", "h_shape"], ["out"], name="reshape"),
     ]
-    shape = [1, S, K]
+    shape = ["batch", S, K]  # symbolic: the Shape reader is not folded away
     return make_model(nodes, [tensor_info("x", shape=shape)], [tensor_info("out", shape=shape)], inits)
 
 
@@ -302,3 +304,29 @@ def test_smoothing_folds_into_the_producer_and_adds_no_op(kind: str) -> None:
     )
     # and the quantized model is as accurate as with a Mul
     assert output_sqnr(proto, onnxq.quantize(proto, CALIB, progress=False).model) > 25
+
+
+def test_fold_ignores_readers_of_the_shape_only() -> None:
+    """A Shape node reading h (dynamic reshapes in exported decoders) does not block the fold."""
+    from onnxq.passes._util import Namer
+    from onnxq.passes.smooth import fold_into_producer
+
+    gamma = np.full(K, 2.0, np.float32)
+    nodes = [
+        helper.make_node("Mul", ["x", "gamma"], ["h"], name="norm_scale"),
+        helper.make_node("Shape", ["h"], ["h_shape"], name="shape_of_h"),
+        helper.make_node("MatMul", ["h", "W1"], ["y"], name="mm1"),
+    ]
+    inits = {"gamma": gamma, "W1": np.eye(K, dtype=np.float32)}
+    proto = make_model(
+        nodes,
+        [tensor_info("x", shape=["batch", S, K])],
+        [tensor_info("y", shape=["batch", S, K]), tensor_info("h_shape", onnx.TensorProto.INT64, [3])],
+        inits,
+    )
+    model = ir.from_proto(proto)
+    graph = model.graph
+    node = {n.name: n for n in graph}
+    s = np.linspace(1.0, 4.0, K).astype(np.float32)
+    assert fold_into_producer(graph, Namer(graph), node["norm_scale"].outputs[0], [node["mm1"]], s)
+    np.testing.assert_allclose(graph.initializers["gamma"].const_value.numpy(), gamma / s, rtol=1e-6)
