@@ -179,3 +179,53 @@ def test_killed_during_save_leaves_the_old_file_or_none(model_path, calib_feeds,
         assert content in (old, new), f"partial file after a kill at {delay} s"
         seen.add(content == new)
     assert False in seen  # at least one kill landed before the rename (the test exercised something)
+
+
+def _conv_mlp(opset: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(opset)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=(4 * 8 * 8, 10)).astype(np.float32), "G"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "G"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7 if opset < 13 else 10
+    return model
+
+
+@pytest.mark.parametrize("opset", [9, 10, 11, 13, 17, 21, 23, 25, 27])
+def test_opsets_9_to_27_quantize_and_old_ones_are_upgraded(opset, tmp_path) -> None:
+    from onnxq.passes.upgrade_opset import runtime_runs_qdq
+
+    if not runtime_runs_qdq(max(opset, 13)):  # older models are upgraded to 13 first
+        pytest.skip(f"this onnxruntime has no QuantizeLinear at opset {opset}")
+    feeds = [{"x": np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    result = onnxq.quantize(_conv_mlp(opset), feeds, output=tmp_path / "q.onnx", progress=False)
+    assert result.summary.opset_upgraded_from == (opset if opset < 13 else None)
+    assert result.summary.quantized_nodes == {"Conv": 1, "MatMul": 1, "Reshape": 1}
+    assert result.summary.fidelity[0].cosine > 0.999
+
+
+def test_opset_newer_than_the_runtime_is_refused_with_the_fix(monkeypatch, tmp_path) -> None:
+    from onnxq.passes import upgrade_opset
+
+    monkeypatch.setattr(upgrade_opset, "runtime_runs_qdq", lambda opset: opset < 21)
+    feeds = [{"x": np.zeros((1, 3, 8, 8), np.float32)}]
+    with pytest.raises(onnxq.QuantizationError, match=r"newer than onnxruntime .* upgrade onnxruntime"):
+        onnxq.quantize(_conv_mlp(21), feeds, output=tmp_path / "q.onnx", progress=False)
+    assert not (tmp_path / "q.onnx").exists()
