@@ -91,12 +91,16 @@ class RunningError:
             self.count += int(d.size)
 
     def sqnr_db(self) -> float:
-        """``10·log10(Σref² / Σ(ref−out)²)``; inf when exact, -inf when the reference is all zero."""
+        """``10·log10(Σref² / Σ(ref−out)²)``; inf when exact, -inf when the reference is all zero or
+        the error infinite (an overflowed fp16 output), NaN when either sum is."""
         if self.err2 == 0:
             return math.inf
         if self.ref2 == 0:
             return -math.inf
-        return 10.0 * math.log10(self.ref2 / self.err2)
+        ratio = self.ref2 / self.err2
+        if math.isnan(ratio):
+            return math.nan
+        return 10.0 * math.log10(ratio) if ratio > 0 else -math.inf
 
     def cosine(self) -> float:
         """Cosine of the flattened tensors over all samples (1 when both are zero, 0 when one is)."""

@@ -289,3 +289,14 @@ def test_user_mistakes_raise_onnxq_errors(cnn, model_path, tmp_path):
         diff(fp32, quant, [{"pixels": feeds[0]["input"]}], progress=False)
     with pytest.raises(onnxq.CalibrationDataError, match="empty"):
         diff(fp32, quant, [], progress=False)
+
+
+def test_running_error_with_overflowed_outputs() -> None:
+    """An fp16 output that overflowed to inf gives -inf SQNR and NaN cosine, never an exception."""
+    e = RunningError()
+    e.fold(np.array([1.0, 2.0], np.float32), np.array([np.inf, 2.0], np.float32))
+    assert e.sqnr_db() == -math.inf and e.max_err == math.inf
+    assert math.isnan(e.cosine()) or e.cosine() <= 1.0
+    n = RunningError()
+    n.fold(np.array([np.nan], np.float32), np.array([1.0], np.float32))
+    assert math.isnan(n.sqnr_db())
