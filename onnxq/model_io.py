@@ -155,6 +155,13 @@ def _lazy_model_proto(path: Path) -> onnx.ModelProto:
     return onnx.ModelProto.FromString(data)
 
 
+def read_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """``path``'s ModelProto without reading its weight bytes: embedded initializers become
+    references into ``path`` itself (ONNX Runtime resolves them against the file's folder), and
+    external ones stay as they are."""
+    return _lazy_model_proto(Path(path))
+
+
 def model_in_folder(folder: Path) -> Path:
     """The model file of a folder: its ``model.onnx``, else its only ``.onnx`` file that is not an
     onnxq output (``*.quant.onnx``); ``ModelLoadError`` naming the fix otherwise."""

@@ -45,6 +45,7 @@ import onnxruntime as ort
 
 from onnxq.data import Sample
 from onnxq.errors import ConfigError
+from onnxq.model_io import read_graph
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class OrtProvider(Provider):
             quantized = is_quantized(
                 model
                 if isinstance(model, onnx.ModelProto)
-                else onnx.load(str(model), load_external_data=False)
+                else read_graph(model)
             )
         so = self.session_options(quantized)
         if profile:
@@ -235,7 +236,7 @@ class OrtProvider(Provider):
         return ort.InferenceSession(source, so, providers=self.providers())
 
     def run(self, model: Path, samples: Sequence[Sample], *, timed: bool = True) -> ProviderRun:
-        proto = onnx.load(str(model), load_external_data=False)
+        proto = read_graph(model)  # the weights stay in the file
         prepared, notes = self.prepare(proto, samples)
         quantized = is_quantized(proto)
         try:
@@ -437,10 +438,10 @@ class ReferenceProvider(Provider):
 def _weight_bytes(path: Path) -> int:
     """Bytes of the model file plus its external data files."""
     total = path.stat().st_size
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = read_graph(path)  # embedded weights read as references into the model file itself
     locations = {
         entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"
-    }
+    } - {path.name}
     for location in locations:
         with contextlib.suppress(OSError):
             total += (path.parent / location).stat().st_size

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from onnxq import metrics
 from onnxq.data import Sample, checked_samples, model_inputs
 from onnxq.errors import ConfigError, ModelLoadError
-from onnxq.model_io import load_model, model_in_folder
+from onnxq.model_io import load_model, model_in_folder, read_graph
 from onnxq.pipeline import _real_positions
 from onnxq.providers import Placement, ProviderError, get_provider, parse_providers
 
@@ -342,8 +342,7 @@ def _row(
 ) -> ValidationRow:
     """Run one model on one provider and compare it with the golden outputs."""
     base = {"model": path.name, "path": str(path), "role": role, "provider": provider.name}
-    proto = onnx.load(str(path), load_external_data=False)
-    reason = provider.unavailable(proto)
+    reason = provider.unavailable(read_graph(path))
     if reason:
         return ValidationRow(**base, status="skipped", reason=reason)
     emulated = provider.emulated
