@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
@@ -29,6 +30,7 @@ from onnxq.config import MSE, Calibration, Entropy, MinMax, Percentile, QuantSpe
 from onnxq.data import Sample
 from onnxq.errors import CalibrationDataError
 from onnxq.qmath import int_type
+from onnxq.segments import SEGMENT_BYTES, SampleFailed, SegmentRunner
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,10 @@ def release_freed_memory() -> None:
 
 
 def session_options(*, threads: int | None = None, calibration: bool = False) -> ort.SessionOptions:
-    """Session options for onnxq's own ORT runs: quiet, no spinning threads, and for calibration
-    no weight pre-packing (which would copy every weight)."""
+    """Session options for onnxq's own ORT runs: quiet, no spinning threads, and with ``calibration``
+    no memory arena and no weight pre-packing (which would copy every weight), for runs of a whole
+    big model. :func:`calibrate` itself keeps both: its sessions hold one segment's weights at most
+    (:mod:`onnxq.segments`), and the arena saves a page fault per activation."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -190,6 +194,13 @@ def serialize_for_ort(model: ir.Model) -> tuple[bytes, Path | None]:
     Returns the bytes and the folder ORT must resolve external weights against (None if all
     weights are in memory).
     """
+    proto, folder = proto_for_ort(model)
+    return proto.SerializeToString(), folder
+
+
+def proto_for_ort(model: ir.Model) -> tuple[onnx.ModelProto, Path | None]:
+    """The model as a proto whose file-backed weights stay references into their file, and the
+    folder ORT must resolve them against (None if all weights are in memory)."""
     proto = ir.serde.serialize_model(model)
     folders = {
         Path(v.const_value.path).parent
@@ -199,7 +210,7 @@ def serialize_for_ort(model: ir.Model) -> tuple[bytes, Path | None]:
     }
     if len(folders) > 1:
         raise CalibrationDataError("weights in several folders are not supported")
-    return proto.SerializeToString(), (folders.pop() if folders else None)
+    return proto, (folders.pop() if folders else None)
 
 
 def make_session(model: ir.Model, so: ort.SessionOptions) -> ort.InferenceSession:
@@ -376,6 +387,7 @@ def calibrate(
     progress: bool = True,
     channels: Iterable[str] = (),
     means: Mapping[str, int] | None = None,
+    segment_bytes: int = SEGMENT_BYTES,
 ) -> CalibrationResult:
     """Run ``samples`` through the fp32 model and return the calibrated range of each of ``tensors``.
 
@@ -383,77 +395,96 @@ def calibrate(
     ``method``. ``channels``: tensors whose per-channel (last axis) statistics are gathered too.
     ``means``: tensor → channel axis, tensors whose per-channel mean is gathered too (``result.means``).
     Memory does not grow with the number of samples. The first ``keep`` inputs and fp32 outputs (up to
-    :data:`KEEP_BYTES`) are kept for the fidelity report.
+    :data:`KEEP_BYTES`) are kept for the fidelity report. A model with more than ``segment_bytes`` of
+    weights runs segment by segment (:mod:`onnxq.segments`): one segment's weights in memory at a time.
     """
     methods = {name: spec.calibration or method for name, spec in tensors.items()}
     minmax = {
         name: MinMaxObserver(m.moving_average if isinstance(m, MinMax) else None)
         for name, m in methods.items()
     }
-    hists = {
-        name: histogram.HistogramObserver() for name, m in methods.items() if not isinstance(m, MinMax)
-    }
+    hists = {name: histogram.HistogramObserver() for name, m in methods.items() if not isinstance(m, MinMax)}
     model_outputs = [v.name for v in model.graph.outputs]
     return_large_blocks_promptly()
     augment = _Augment(model, list(tensors), hists, channels, means)
     with augment as reduce_names:
+        proto, folder = proto_for_ort(model)
+    channel_names = augment.channel_names
+
+    def open_session(data: bytes) -> ort.InferenceSession:
+        so = session_options()
+        if folder is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
-            session = make_session(model, session_options(calibration=True))
+            return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise CalibrationDataError(f"ONNX Runtime cannot run the model for calibration: {exc}") from None
-    channel_names = augment.channel_names
-    fetch = list(
-        dict.fromkeys(
-            model_outputs
-            + [n for p in reduce_names.values() for n in p]
-            + list(hists)
-            + [n for t in channel_names.values() for n in t]
-            + [n for t in augment.mean_names.values() for n in t[:2]]
-        )
-    )
+
+    runner = SegmentRunner(proto, open_session, segment_bytes)
+    del proto
     result = CalibrationResult({}, 0, {name: ChannelStats() for name in channel_names})
-    kept_bytes = 0
     result.means = {name: ChannelMean() for name in augment.mean_names}
-    bar = tqdm(samples, total=total, desc="calibrating", unit="sample", disable=not progress, leave=False)
-    for sample in bar:
-        try:
-            outputs = session.run(fetch, sample)
-        except Exception as exc:
-            raise CalibrationDataError(
-                f"calibration sample {result.samples_seen} failed in ONNX Runtime: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
-        named = dict(zip(fetch, outputs, strict=True))
-        del outputs
-        extremes = {}
-        for tensor, (lo, hi) in reduce_names.items():
-            lo_v, hi_v = named[lo], named[hi]
-            if lo_v.size == 0:
-                continue
-            extremes[tensor] = (float(lo_v), float(hi_v))
-            minmax[tensor].update(*extremes[tensor])
-        for tensor, (lo, hi, sq, shape) in channel_names.items():
-            if named[lo].size:
-                rows = int(np.prod(named[shape][:-1]))
-                result.channels[tensor].update(named[lo], named[hi], named[sq], rows)
-        for tensor, (mean, shape, axis) in augment.mean_names.items():
-            if named[mean].size:
-                dims = named[shape]
-                result.means[tensor].update(named[mean], int(np.prod(dims)) // max(int(dims[axis]), 1))
-        if len(result.kept_inputs) < keep and kept_bytes < KEEP_BYTES:  # few samples of LLM logits
-            result.kept_inputs.append(sample)
-            result.kept_outputs.append({n: named[n] for n in model_outputs})
-            kept_bytes += sum(named[n].nbytes for n in model_outputs)
-        # Binned inline, each tensor released as soon as it is folded: one sample's activations at most.
-        for name, observer in hists.items():
-            values = named.pop(name)
-            if name in extremes:
-                observer.update(values, *extremes[name])
-            del values
-        del named
-        result.samples_seen += 1
-    del session
+    kept: dict[int, dict[str, np.ndarray]] = {}
+    kept_inputs: list[Sample] = []
+    kept_bytes, limit = 0, keep
+
+    def keep_output(index: int, name: str, array: np.ndarray) -> None:
+        """Keep fp32 outputs of the first ``keep`` samples, dropping the last kept sample while
+        over :data:`KEEP_BYTES` (sample 0 always stays)."""
+        nonlocal kept_bytes, limit
+        if index >= limit:
+            return
+        kept.setdefault(index, {})[name] = array
+        kept_bytes += array.nbytes
+        while kept_bytes > KEEP_BYTES and len(kept) > 1:
+            last = max(kept)
+            kept_bytes -= sum(a.nbytes for a in kept.pop(last).values())
+            limit = last
+
+    def counted(samples: Iterable[Sample]) -> Iterable[Sample]:
+        for sample in samples:
+            if len(kept_inputs) < keep:
+                kept_inputs.append(sample)
+            result.samples_seen += 1
+            yield sample
+
+    steps = None if total is None else total * runner.count
+    desc = "calibrating" if runner.count == 1 else f"calibrating ({runner.count} segments)"
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    try:
+        for index, named in runner.run(counted(samples)):
+            bar.update(1)
+            extremes = {}
+            for tensor, (lo, hi) in reduce_names.items():
+                if lo not in named or named[lo].size == 0:
+                    continue
+                extremes[tensor] = (float(named[lo]), float(named[hi]))
+                minmax[tensor].update(*extremes[tensor])
+            for tensor, (lo, hi, sq, shape) in channel_names.items():
+                if lo in named and named[lo].size:
+                    rows = int(np.prod(named[shape][:-1]))
+                    result.channels[tensor].update(named[lo], named[hi], named[sq], rows)
+            for tensor, (mean, shape, axis) in augment.mean_names.items():
+                if mean in named and named[mean].size:
+                    dims = named[shape]
+                    result.means[tensor].update(named[mean], int(np.prod(dims)) // max(int(dims[axis]), 1))
+            for name in model_outputs:
+                if name in named:
+                    keep_output(index, name, named[name])
+            # Binned inline, each tensor released as soon as it is folded: one sample's activations at most.
+            for name, observer in hists.items():
+                values = named.pop(name, None)
+                if values is not None and name in extremes:
+                    observer.update(values, *extremes[name])
+                del values
+            del named
+    except SampleFailed as exc:
+        raise CalibrationDataError(f"calibration sample {exc.index} failed in ONNX Runtime: {exc}") from None
+    finally:
+        bar.close()
     release_freed_memory()
+    result.kept_inputs = kept_inputs[: len(kept)]
+    result.kept_outputs = [kept[i] for i in sorted(kept)]
     result.ranges = {
         name: tensor_range(methods[name], tensors[name], minmax[name], hists.get(name)) for name in tensors
     }

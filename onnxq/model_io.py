@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Initializers whose raw data is at least this large stay in the file and are memory-mapped.
 LAZY_THRESHOLD_BYTES = 1024
+# save_model(release=True) hands weights of this size or more over to the written file.
+RELEASE_BYTES = 2**20
 # Protobuf refuses messages of 2 GiB and more: larger outputs go to external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 2**24
 
@@ -256,6 +258,7 @@ def save_model(
     output: str | os.PathLike,
     verify: Callable[[Path], None] | None = None,
     repoint_from: Sequence[Path] = (),
+    release: bool = False,
 ) -> Path:
     """Write ``model`` to ``output`` atomically and return the path.
 
@@ -275,7 +278,10 @@ def save_model(
     written; those backed by a file this save replaces (``output`` itself or its ``.data``) are
     pointed at the same bytes in the new file, and so are those backed by a file in ``repoint_from``
     (a temporary file the caller removes afterwards); file-backed weights of subgraphs (and, for external
-    data, those of 256 bytes or less) are copied into memory, as before.
+    data, those of 256 bytes or less) are copied into memory, as before. With ``release``, every
+    file-backed main-graph weight, and every in-memory one of :data:`RELEASE_BYTES` or more, is
+    pointed at its bytes in the new file (and its memory freed): the model then reads those weights from ``output``, as a model
+    loaded from it would.
     """
     output = Path(output)
     folder = output.parent if str(output.parent) else Path(".")
@@ -289,6 +295,13 @@ def save_model(
     external = total > PROTOBUF_LIMIT_BYTES
     data_name = output.name + ".data"
     replaced = _replaced_tensors(model, [output, folder / data_name, *repoint_from])
+    if release:
+        replaced = [
+            v
+            for v in model.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)
+            or (v.const_value is not None and v.const_value.nbytes >= RELEASE_BYTES)
+        ]
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=folder) as tmp:
         tmp_model = Path(tmp) / output.name
         try:

@@ -341,7 +341,7 @@ def quantize(
         raise QuantizationError(f"rewriting the graph failed: {_root_cause(exc)}") from exc
     ir_model.producer_name, ir_model.producer_version = "onnxq", _version()
     if output_path is not None:
-        save_model(ir_model, output_path, verify=check_model_file)
+        save_model(ir_model, output_path, verify=check_model_file, release=True)
         size_after = _file_size(output_path)
     else:
         _check_in_memory(ir_model)

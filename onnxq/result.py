@@ -93,7 +93,11 @@ class QuantizationSummary:
 
 @dataclass(frozen=True)
 class QuantizationResult:
-    """The quantized model (``onnx_ir.Model``), where it was written (None if not), and its summary."""
+    """The quantized model (``onnx_ir.Model``), where it was written (None if not), and its summary.
+
+    When the model was written, its weights of 1 MiB or more are read from ``output_path`` on use
+    (as :func:`onnxq.model_io.load_model` would read them) instead of staying in memory: replace or
+    delete that file only once done with ``model``."""
 
     output_path: Path | None
     model: ir.Model

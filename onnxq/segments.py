@@ -1,0 +1,327 @@
+"""Run a model as a chain of segments, each holding a bounded share of the weights.
+
+Calibration must run the fp32 model, and ONNX Runtime maps every weight a session uses. To keep
+calibration's memory bounded on big models, :func:`split` cuts the (augmented) graph, in its
+topological order, into segments of at most ``budget`` bytes of weights each (a node whose own
+weights exceed the budget gets a segment of its own). :class:`SegmentRunner` then runs every sample
+through segment 0, then every sample through segment 1, and so on: only one segment's session — and
+so one segment's weights — is alive at a time. What crosses a cut (the hidden state, a mask, ...) is
+kept per sample in an :class:`ActivationStore`, in memory up to its budget and in an anonymous
+temporary file past it, so memory does not grow with the number of samples either; a value is
+dropped as soon as the last segment that reads it has run.
+
+Guarantees: every node runs exactly once per sample, with the same inputs as in the whole graph,
+so the outputs are the whole graph's; a graph small enough for one segment runs as one session.
+Values read inside subgraphs (If/Loop/Scan bodies) from the outer scope count as inputs of the node
+that owns the subgraph.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+# Weights per segment. Large enough that a transformer layer or a CNN stage fits whole, small
+# enough that a segment's mapped weights are a small share of a big model.
+SEGMENT_BYTES = 128 * 2**20
+# Cut activations kept in memory across segments; the rest go to an anonymous temporary file.
+STORE_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Indices of a contiguous run of the graph's nodes, what it reads from earlier segments or the
+    graph's inputs, and what it must hand on (to later segments or as graph outputs)."""
+
+    nodes: tuple[int, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    weight_bytes: int
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of an initializer's data, read from its header only (external data: its ``length``)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                return int(entry.value)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 4
+    return count * itemsize
+
+
+def _subgraph_names(graph: onnx.GraphProto) -> Iterator[str]:
+    for node in graph.node:
+        yield from node.input
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _subgraph_names(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _subgraph_names(g)
+    yield from (o.name for o in graph.output)
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every name ``node`` reads: its inputs, and what its subgraphs read (outer-scope values among
+    them; names defined inside a subgraph are included too and simply never match an outer value)."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            names.extend(_subgraph_names(attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                names.extend(_subgraph_names(g))
+    return names
+
+
+def split(
+    graph: onnx.GraphProto, budget: int = SEGMENT_BYTES, sidecar_prefix: str = "onnxq_"
+) -> list[Segment]:
+    """Cut ``graph`` (topologically sorted) into segments of at most ``budget`` bytes of weights.
+
+    Nodes named with ``sidecar_prefix`` (calibration's reductions, which only read and feed graph
+    outputs) join the segment of their latest producer, so a cut never has to carry a tensor just to
+    reduce it.
+    """
+    sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    produced_in: dict[str, int] = {}
+    assignment: list[int] = []
+    reads: list[list[str]] = []
+    current, used = 0, 0
+    seen: set[str] = set()
+    for node in graph.node:
+        names = node_reads(node)
+        reads.append(names)
+        earliest = max((produced_in[n] for n in names if n in produced_in), default=0)
+        if node.name.startswith(sidecar_prefix):
+            seg = earliest
+        else:
+            new = {n for n in names if n in sizes and n not in seen}
+            extra = sum(sizes[n] for n in new)
+            if used and used + extra > budget:
+                current, used, seen = current + 1, 0, set()
+                new = {n for n in names if n in sizes}
+                extra = sum(sizes[n] for n in new)
+            seg = current
+            used += extra
+            seen |= new
+        assignment.append(seg)
+        for out in node.output:
+            if out:
+                produced_in[out] = seg
+    count = (max(assignment) + 1) if assignment else 1
+    graph_outputs = [o.name for o in graph.output]
+    last_read: dict[str, int] = {}
+    for seg, names in zip(assignment, reads, strict=True):
+        for n in names:
+            last_read[n] = max(last_read.get(n, -1), seg)
+    segments = []
+    for seg in range(count):
+        idx = tuple(i for i, s in enumerate(assignment) if s == seg)
+        here = {out for i in idx for out in graph.node[i].output if out}
+        inputs = dict.fromkeys(
+            n
+            for i in idx
+            for n in reads[i]
+            if n not in here and n not in sizes and (n in produced_in or n in graph_inputs)
+        )
+        outputs = [n for n in here if last_read.get(n, -1) > seg]
+        outputs += [n for n in graph_outputs if n in here and n not in outputs]
+        weight = sum(sizes[n] for n in {n for i in idx for n in reads[i] if n in sizes})
+        segments.append(Segment(idx, tuple(inputs), tuple(sorted(set(outputs), key=outputs.index)), weight))
+    return segments
+
+
+def segment_model(
+    model: onnx.ModelProto, segment: Segment, types: dict[str, onnx.ValueInfoProto]
+) -> onnx.ModelProto:
+    """A standalone model of ``segment``: its nodes, the initializers they read (external-data
+    references stay references), its inputs and outputs typed from ``types``."""
+    graph = model.graph
+    part = onnx.ModelProto()
+    part.ir_version = model.ir_version
+    part.opset_import.extend(model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = f"{graph.name}_segment"
+    reads: set[str] = set()
+    for i in segment.nodes:
+        node = graph.node[i]
+        part.graph.node.append(node)
+        reads.update(node_reads(node))
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
+    part.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in reads)
+    part.graph.input.extend(types[n] for n in segment.inputs)
+    part.graph.output.extend(types.get(n, onnx.ValueInfoProto(name=n)) for n in segment.outputs)
+    return part
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Name → typed ValueInfo for every value the model declares (inputs, outputs, value_info)."""
+    graph = model.graph
+    return {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
+
+
+@dataclass
+class ActivationStore:
+    """Arrays per (sample, name), in memory up to ``budget`` bytes, then in an anonymous temporary
+    file (deleted by the OS when closed, even if the process dies)."""
+
+    budget: int = STORE_BYTES
+    memory: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    spilled: dict[tuple[int, str], tuple[int, np.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    held: int = 0
+    file: object | None = None
+
+    def put(self, sample: int, name: str, array: np.ndarray) -> None:
+        if self.held + array.nbytes <= self.budget or array.nbytes == 0:
+            self.memory[sample, name] = array
+            self.held += array.nbytes
+            return
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="onnxq-calibration-")  # noqa: SIM115 - close()
+        f = self.file
+        f.seek(0, 2)  # type: ignore[attr-defined]
+        offset = f.tell()  # type: ignore[attr-defined]
+        f.write(np.ascontiguousarray(array).data)  # type: ignore[attr-defined]
+        self.spilled[sample, name] = (offset, array.dtype, array.shape)
+
+    def get(self, sample: int, name: str) -> np.ndarray:
+        if (sample, name) in self.memory:
+            return self.memory[sample, name]
+        offset, dtype, shape = self.spilled[sample, name]
+        out = np.empty(shape, dtype)
+        f = self.file
+        f.seek(offset)  # type: ignore[union-attr]
+        f.readinto(memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[union-attr]
+        return out
+
+    def drop(self, names: Iterable[str]) -> None:
+        names = set(names)
+        for key in [k for k in self.memory if k[1] in names]:
+            self.held -= self.memory.pop(key).nbytes
+        for key in [k for k in self.spilled if k[1] in names]:
+            del self.spilled[key]
+
+    def close(self) -> None:
+        self.memory.clear()
+        self.spilled.clear()
+        self.held = 0
+        if self.file is not None:
+            self.file.close()  # type: ignore[attr-defined]
+            self.file = None
+
+
+class SegmentRunner:
+    """Runs samples through ``model`` segment by segment (see the module docstring).
+
+    ``open_session(model_bytes)`` makes one segment's session; :meth:`run` yields, segment after
+    segment and sample after sample, ``(sample index, graph outputs that segment produced)``.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        open_session,
+        budget: int = SEGMENT_BYTES,
+        store_bytes: int | None = None,
+    ) -> None:
+        self.model = model
+        self.open_session = open_session
+        self.store_bytes = STORE_BYTES if store_bytes is None else store_bytes
+        graph = model.graph
+        self.graph_inputs = [i.name for i in graph.input]
+        self.graph_outputs = {o.name for o in graph.output}
+        segments = split(graph, budget)
+        types = value_types(model)
+        untyped = sorted(
+            {
+                n
+                for s in segments[1:]
+                for n in s.inputs
+                if not types.get(n, onnx.ValueInfoProto()).HasField("type")
+            }
+        )
+        if len(segments) > 1 and untyped:
+            log.info("calibrating in one piece: no type known for %s", ", ".join(untyped[:3]))
+            segments = []
+        self.segments = segments if len(segments) > 1 else []
+        self.types = types
+
+    @property
+    def count(self) -> int:
+        """Number of sessions :meth:`run` opens, one after another."""
+        return max(len(self.segments), 1)
+
+    def run(self, samples: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        if not self.segments:
+            session = self.open_session(self.model.SerializeToString())
+            fetch = [o.name for o in self.model.graph.output]
+            try:
+                for i, sample in enumerate(samples):
+                    yield i, dict(zip(fetch, _run(session, fetch, sample, i), strict=True))
+            finally:
+                del session
+            return
+        store = ActivationStore(self.store_bytes)
+        later = {n for s in self.segments[1:] for n in s.inputs}
+        try:
+            count = 0
+            for k, segment in enumerate(self.segments):
+                session = self.open_session(
+                    segment_model(self.model, segment, self.types).SerializeToString()
+                )
+                fetch = list(segment.outputs)
+                feeds: Iterable[tuple[int, dict[str, np.ndarray]]]
+                if k == 0:
+                    feeds = enumerate(samples)
+                else:
+                    feeds = ((i, {n: store.get(i, n) for n in segment.inputs}) for i in range(count))
+                for i, feed in feeds:
+                    if k == 0:
+                        count += 1
+                        for name in later & feed.keys():
+                            store.put(i, name, feed[name])
+                        feed = {n: feed[n] for n in segment.inputs if n in feed}
+                    named = dict(zip(fetch, _run(session, fetch, feed, i), strict=True))
+                    for name in later & named.keys():
+                        store.put(i, name, named[name])
+                    yield i, {n: a for n, a in named.items() if n in self.graph_outputs}
+                del session
+                store.drop(
+                    n for n in store_names(store) if not any(n in s.inputs for s in self.segments[k + 1 :])
+                )
+        finally:
+            store.close()
+
+
+def store_names(store: ActivationStore) -> set[str]:
+    return {k[1] for k in store.memory} | {k[1] for k in store.spilled}
+
+
+class SampleFailed(RuntimeError):
+    """A sample failed in ONNX Runtime; ``index`` says which, the message says why."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _run(session, fetch: list[str], feed: dict[str, np.ndarray], index: int) -> list[np.ndarray]:
+    try:
+        return session.run(fetch, feed)
+    except Exception as exc:
+        raise SampleFailed(index, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

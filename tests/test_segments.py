@@ -1,0 +1,126 @@
+"""Calibration segment by segment (``onnxq.segments``): a model cut into many segments calibrates to
+the ranges, per-channel statistics and fp32 outputs of the whole graph, also when the activations
+crossing the cuts spill to disk and when a subgraph reads outer-scope values across a cut.
+
+Bounds: segments run the same kernels on the same inputs; ONNX Runtime may fuse differently at a
+cut (a LayerNorm or GELU whose pieces land in two segments), so values are compared to 1e-4
+relative, measured at < 2e-6 on the models below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from onnxq import segments
+from onnxq.calibrate import calibrate
+from onnxq.config import MinMax, Percentile, QuantConfig
+from onnxq.passes.smooth import find_candidates
+from onnxq.pipeline import prepare
+from onnxq.plan import Planner
+from tests.helpers import make_model, run, tensor_info
+
+
+def _calibrate(model: ir.Model, samples, method, segment_bytes: int):
+    plan = Planner(QuantConfig()).plan(model)
+    specs = {name: plan.activations[name].spec for name in plan.calibration_tensors()}
+    candidates = find_candidates(model, plan)
+    result = calibrate(
+        model, specs, iter(samples), method, progress=False, channels=candidates, segment_bytes=segment_bytes
+    )
+    return result, candidates
+
+
+@pytest.mark.parametrize(("name", "method"), [("tiny-gpt2", MinMax()), ("tiny-bert", Percentile())])
+def test_segmented_calibration_matches_whole_graph(model_path, calib_feeds, name, method, monkeypatch):
+    model, _ = prepare(str(model_path(name)))
+    samples = calib_feeds(name, 6)
+    whole, candidates = _calibrate(model, samples, method, segment_bytes=2**40)
+    # ~10 KB of weights a segment cuts these models into many pieces; no memory for the cut
+    # activations sends every one of them through the spill file.
+    monkeypatch.setattr(segments, "STORE_BYTES", 0)
+    proto = ir.serde.serialize_model(model)
+    cut = segments.split(proto.graph, 10_000)
+    assert len(cut) >= 5
+    assert sorted(i for s in cut for i in s.nodes) == list(range(len(proto.graph.node)))
+    parts, _ = _calibrate(model, samples, method, segment_bytes=10_000)
+
+    assert parts.samples_seen == whole.samples_seen == 6
+    assert whole.ranges.keys() == parts.ranges.keys() and len(whole.ranges) > 10
+    for tensor, (lo, hi) in whole.ranges.items():
+        np.testing.assert_allclose(parts.ranges[tensor], (lo, hi), rtol=1e-4, atol=1e-6, err_msg=tensor)
+    assert candidates and parts.channels.keys() == whole.channels.keys()
+    for tensor, stats in whole.channels.items():
+        np.testing.assert_allclose(parts.channels[tensor].absmax(), stats.absmax(), rtol=1e-4, atol=1e-6)
+        assert parts.channels[tensor].rows == stats.rows
+    assert len(parts.kept_outputs) == len(whole.kept_outputs) == 6
+    for got, want in zip(parts.kept_outputs, whole.kept_outputs, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    # calibration leaves the model as it found it
+    assert not [n for n in model.graph if n.name.startswith("onnxq_")]
+
+
+def test_subgraph_reads_outer_scope_values_across_a_cut():
+    """``If`` branches read ``h`` (made two segments earlier) and ``W2`` from the outer scope."""
+    rng = np.random.default_rng(0)
+    w = {f"W{i}": rng.normal(size=(64, 64)).astype(np.float32) for i in (1, 2, 3)}
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "W2"], ["t"], name="then_mm")], "then", [], [tensor_info("t")]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Relu", ["h"], ["e"], name="else_relu")], "else", [], [tensor_info("e")]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["h", "W3"], ["g"], name="mm3"),
+        helper.make_node(
+            "If", ["flag"], ["b"], name="branch", then_branch=then_branch, else_branch=else_branch
+        ),
+        helper.make_node("Add", ["b", "g"], ["y"], name="add"),
+    ]
+    proto = make_model(
+        nodes,
+        [tensor_info("x", shape=[4, 64]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=[4, 64])],
+        w,
+    )
+    cut = segments.split(proto.graph, 64 * 64 * 4)
+    assert len(cut) == 3 and "h" in cut[2].inputs  # the If runs after mm3's segment and reads h
+    samples = [{"x": rng.normal(size=(4, 64)).astype(np.float32), "flag": np.array(f)} for f in (True, False)]
+    model = ir.from_proto(proto)
+    spec = Planner(QuantConfig()).plan(model).activations
+    result = calibrate(
+        model, {n: a.spec for n, a in spec.items()}, iter(samples), MinMax(), progress=False, segment_bytes=1
+    )
+    for sample, kept in zip(samples, result.kept_outputs, strict=True):
+        np.testing.assert_allclose(kept["y"], run(proto, sample)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_activation_store_spills_to_an_anonymous_file():
+    store = segments.ActivationStore(budget=100)
+    small, big = np.arange(10, dtype=np.float32), np.arange(1000, dtype=np.float64).reshape(10, 100)
+    store.put(0, "a", small)
+    store.put(0, "b", big)
+    assert store.held == small.nbytes and (0, "b") in store.spilled
+    np.testing.assert_array_equal(store.get(0, "b"), big)
+    store.drop(["b"])
+    assert not store.spilled and store.get(0, "a") is small
+    store.close()
+    assert store.file is None and not store.memory
+
+
+def test_tensor_bytes_reads_headers_only():
+    external = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1000, 1000])
+    external.data_location = TensorProto.EXTERNAL
+    external.external_data.add(key="location", value="w.bin")
+    external.external_data.add(key="length", value="4000000")
+    assert segments.tensor_bytes(external) == 4_000_000
+    inline = helper.make_tensor(
+        "b", TensorProto.FLOAT16, [3, 5], np.zeros(15, np.float16).tobytes(), raw=True
+    )
+    assert segments.tensor_bytes(inline) == 30
