@@ -30,7 +30,7 @@ from onnxq.config import MSE, Calibration, Entropy, MinMax, Percentile, QuantSpe
 from onnxq.data import Sample
 from onnxq.errors import CalibrationDataError
 from onnxq.qmath import int_type
-from onnxq.segments import SEGMENT_BYTES, SampleFailed, SegmentRunner
+from onnxq.segments import SampleFailed, SegmentRunner
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +171,18 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def session_options(*, threads: int | None = None, calibration: bool = False) -> ort.SessionOptions:
+def session_options(
+    *, threads: int | None = None, calibration: bool = False, spinning: bool = False
+) -> ort.SessionOptions:
     """Session options for onnxq's own ORT runs: quiet, no spinning threads, and with ``calibration``
     no memory arena and no weight pre-packing (which would copy every weight), for runs of a whole
     big model. :func:`calibrate` itself keeps both: its sessions hold one segment's weights at most
-    (:mod:`onnxq.segments`), and the arena saves a page fault per activation."""
+    (:mod:`onnxq.segments`), and the arena saves a page fault per activation. ``spinning`` lets
+    ORT's threads spin between kernels (about 8 % faster back-to-back runs) for sessions that live
+    only while onnxq runs them."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads:
         so.intra_op_num_threads = threads
     if calibration:
@@ -387,7 +391,7 @@ def calibrate(
     progress: bool = True,
     channels: Iterable[str] = (),
     means: Mapping[str, int] | None = None,
-    segment_bytes: int = SEGMENT_BYTES,
+    segment_bytes: int | None = None,
 ) -> CalibrationResult:
     """Run ``samples`` through the fp32 model and return the calibrated range of each of ``tensors``.
 
@@ -395,8 +399,9 @@ def calibrate(
     ``method``. ``channels``: tensors whose per-channel (last axis) statistics are gathered too.
     ``means``: tensor → channel axis, tensors whose per-channel mean is gathered too (``result.means``).
     Memory does not grow with the number of samples. The first ``keep`` inputs and fp32 outputs (up to
-    :data:`KEEP_BYTES`) are kept for the fidelity report. A model with more than ``segment_bytes`` of
-    weights runs segment by segment (:mod:`onnxq.segments`): one segment's weights in memory at a time.
+    :data:`KEEP_BYTES`) are kept for the fidelity report. A model with more than ``segment_bytes``
+    of weights (default :data:`onnxq.segments.SEGMENT_BYTES`) runs segment by segment
+    (:mod:`onnxq.segments`): one segment's weights in memory at a time.
     """
     methods = {name: spec.calibration or method for name, spec in tensors.items()}
     minmax = {
@@ -412,7 +417,7 @@ def calibrate(
     channel_names = augment.channel_names
 
     def open_session(data: bytes) -> ort.InferenceSession:
-        so = session_options()
+        so = session_options(spinning=True)
         if folder is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:

@@ -280,8 +280,8 @@ def save_model(
     (a temporary file the caller removes afterwards); file-backed weights of subgraphs (and, for external
     data, those of 256 bytes or less) are copied into memory, as before. With ``release``, every
     file-backed main-graph weight, and every in-memory one of :data:`RELEASE_BYTES` or more, is
-    pointed at its bytes in the new file (and its memory freed): the model then reads those weights from ``output``, as a model
-    loaded from it would.
+    pointed at its bytes in the new file (and its memory freed): the model then reads those weights
+    from ``output``, as a model loaded from it would.
     """
     output = Path(output)
     folder = output.parent if str(output.parent) else Path(".")

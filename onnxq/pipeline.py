@@ -9,8 +9,10 @@ say which of the optional steps run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxq import metrics, model_io
-from onnxq.calibrate import CalibrationResult, calibrate, make_session, session_options
+from onnxq.calibrate import CalibrationResult, calibrate, proto_for_ort, session_options
 from onnxq.config import Dynamic, QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
 from onnxq.errors import (
@@ -40,6 +42,7 @@ from onnxq.errors import (
     QuantizationError,
 )
 from onnxq.model_io import load_model, model_in_folder, save_model
+from onnxq.passes._util import SpillFile
 from onnxq.passes.bias_correction import BiasStatistics, CorrectBias
 from onnxq.passes.cleanup import Cleanup
 from onnxq.passes.dynamic import DynamicPlanner, dynamic_passes, dynamic_references
@@ -57,11 +60,15 @@ from onnxq.passes.upcast_half import UpcastHalf
 from onnxq.passes.upgrade_opset import MIN_OPSET, OPSET_16BIT, UpgradeOpset
 from onnxq.plan import QUANTIZED_OPS, RULES, Planner, QuantPlan, TargetRules
 from onnxq.result import FloatNode, OutputFidelity, QuantizationResult, QuantizationSummary
+from onnxq.segments import SegmentRunner
 
 log = logging.getLogger(__name__)
 
 # Calibration samples (the first ones) whose fp32 outputs are kept to measure fidelity afterwards.
 FIDELITY_SAMPLES = 8
+# Models with more weight bytes than this write new weights (smoothed, quantized) to a spill file
+# beside the output as they are made, instead of keeping them all in memory until the save.
+SPILL_ABOVE_BYTES = 2**30
 
 
 def prepare_passes(
@@ -256,24 +263,38 @@ def measure_fidelity(
     model: ir.Model | Path, inputs: list[Sample], references: list[dict[str, np.ndarray]]
 ) -> tuple[OutputFidelity, ...]:
     """Cosine, SQNR and max abs error of ``model``'s outputs (a model or a saved file) against fp32
-    ``references``, over the real (not padded) positions when the model takes an ``attention_mask``."""
+    ``references``, over the real (not padded) positions when the model takes an ``attention_mask``.
+    A model with more weights than one calibration segment runs segment by segment
+    (:mod:`onnxq.segments`), so this check holds no more weights in memory than calibration did."""
     if not inputs:
         return ()
     if isinstance(model, Path):
-        session = ort.InferenceSession(str(model), session_options(), providers=["CPUExecutionProvider"])
+        proto, folder = model_io.read_graph(model), model.parent.resolve()
     else:
-        session = make_session(model, session_options())
-    names = [o.name for o in session.get_outputs()]
+        proto, folder = proto_for_ort(model)
+
+    def open_session(data: bytes) -> ort.InferenceSession:
+        so = session_options(spinning=True)
+        if folder is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+    runner = SegmentRunner(proto, open_session)
+    del proto
     errors: dict[str, metrics.RunningError] = {}
-    for sample, ref in zip(inputs, references, strict=True):
-        for name, value in zip(names, session.run(names, sample), strict=True):
-            if name in ref and np.issubdtype(
-                value.dtype, np.floating
-            ):  # folded at once: LLM logits are large
+    for index, outputs in runner.run(inputs):
+        sample, ref = inputs[index], references[index]
+        for name, value in outputs.items():
+            if name in ref and np.issubdtype(value.dtype, np.floating):  # folded at once: logits are large
                 errors.setdefault(name, metrics.RunningError()).fold(
                     _real_positions(sample, ref[name]), _real_positions(sample, value)
                 )
-    result = [OutputFidelity(name, e.cosine(), e.sqnr_db(), e.max_err) for name, e in errors.items()]
+    names = [o.name for o in runner.model.graph.output]
+    result = [
+        OutputFidelity(n, errors[n].cosine(), errors[n].sqnr_db(), errors[n].max_err)
+        for n in names
+        if n in errors
+    ]
     return tuple(result)
 
 
@@ -333,19 +354,25 @@ def quantize(
         rewrite = dynamic_passes(plan, config)
     else:
         plan, calibration, scales, rewrite = _calibrated_rewrite(ir_model, config, samples, keep, progress)
-    try:
-        rewrite(ir_model)
-    except OnnxqError:
-        raise
-    except Exception as exc:
-        raise QuantizationError(f"rewriting the graph failed: {_root_cause(exc)}") from exc
-    ir_model.producer_name, ir_model.producer_version = "onnxq", _version()
-    if output_path is not None:
-        save_model(ir_model, output_path, verify=check_model_file, release=True)
-        size_after = _file_size(output_path)
-    else:
-        _check_in_memory(ir_model)
-        size_after = ir.to_proto(ir_model).ByteSize()
+    with _spill_for(ir_model, output_path) as spill:
+        for step in rewrite.passes:
+            if hasattr(step, "spill"):
+                step.spill = spill
+        try:
+            rewrite(ir_model)
+        except OnnxqError:
+            raise
+        except Exception as exc:
+            raise QuantizationError(f"rewriting the graph failed: {_root_cause(exc)}") from exc
+        ir_model.producer_name, ir_model.producer_version = "onnxq", _version()
+        if output_path is not None:
+            if spill is not None:
+                spill.close()
+            save_model(ir_model, output_path, verify=check_model_file, release=True)
+            size_after = _file_size(output_path)
+        else:
+            _check_in_memory(ir_model)
+            size_after = ir.to_proto(ir_model).ByteSize()
     fidelity = (
         measure_fidelity(ir_model, calibration.kept_inputs, calibration.kept_outputs)
         if config.fidelity
@@ -366,6 +393,23 @@ def quantize(
     )
     log.info("quantized %d nodes", sum(summary.quantized_nodes.values()))
     return QuantizationResult(output_path, ir_model, summary)
+
+
+@contextlib.contextmanager
+def _spill_for(model: ir.Model, output: Path | None) -> Iterator[SpillFile | None]:
+    """A spill file in a private folder beside ``output`` (removed on exit) when the model's weights
+    exceed :data:`SPILL_ABOVE_BYTES`: new weights then wait for the save on disk, not in memory."""
+    values = model.graph.initializers.values()
+    weights = sum(v.const_value.nbytes for v in values if v.const_value is not None)
+    if output is None or weights <= SPILL_ABOVE_BYTES:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.spill-", dir=output.parent) as folder:
+        spill = SpillFile(Path(folder))
+        try:
+            yield spill
+        finally:
+            spill.close()
 
 
 def _calibrated_rewrite(

@@ -230,13 +230,15 @@ class SegmentRunner:
 
     ``open_session(model_bytes)`` makes one segment's session; :meth:`run` yields, segment after
     segment and sample after sample, ``(sample index, graph outputs that segment produced)``.
+    ``budget`` / ``store_bytes``: weights per segment and cut activations held in memory (default
+    :data:`SEGMENT_BYTES` / :data:`STORE_BYTES`).
     """
 
     def __init__(
         self,
         model: onnx.ModelProto,
         open_session,
-        budget: int = SEGMENT_BYTES,
+        budget: int | None = None,
         store_bytes: int | None = None,
     ) -> None:
         self.model = model
@@ -245,7 +247,7 @@ class SegmentRunner:
         graph = model.graph
         self.graph_inputs = [i.name for i in graph.input]
         self.graph_outputs = {o.name for o in graph.output}
-        segments = split(graph, budget)
+        segments = split(graph, SEGMENT_BYTES if budget is None else budget)
         types = value_types(model)
         untyped = sorted(
             {

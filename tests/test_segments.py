@@ -124,3 +124,28 @@ def test_tensor_bytes_reads_headers_only():
         "b", TensorProto.FLOAT16, [3, 5], np.zeros(15, np.float16).tobytes(), raw=True
     )
     assert segments.tensor_bytes(inline) == 30
+
+
+def test_segmented_and_spilled_quantization_writes_the_same_model(
+    model_path, calib_feeds, tmp_path, monkeypatch
+):
+    """A model quantized with tiny segments (calibration and the fidelity check) and every new weight
+    spilled to disk gives the bytes and the fidelity of the in-memory run, and leaves no spill behind."""
+    import onnxq
+    from onnxq import pipeline
+
+    source, feeds = model_path("tiny-llama"), calib_feeds("tiny-llama", 8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = onnxq.quantize(source, feeds, output=tmp_path / "a" / "q.onnx", progress=False)
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 20_000)
+    monkeypatch.setattr(segments, "STORE_BYTES", 0)
+    monkeypatch.setattr(pipeline, "SPILL_ABOVE_BYTES", 0)
+    monkeypatch.setattr("onnxq.passes._util.SpillFile.MIN_BYTES", 1)
+    parts = onnxq.quantize(source, feeds, output=tmp_path / "b" / "q.onnx", progress=False)
+    assert (tmp_path / "a" / "q.onnx").read_bytes() == (tmp_path / "b" / "q.onnx").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["q.onnx"]
+    assert len(parts.summary.fidelity) == len(whole.summary.fidelity) > 0
+    for got, want in zip(parts.summary.fidelity, whole.summary.fidelity, strict=True):
+        assert got.name == want.name
+        assert got.cosine == pytest.approx(want.cosine, abs=1e-4)

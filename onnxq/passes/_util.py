@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -52,3 +53,36 @@ def release(value: ir.Value) -> None:
     if isinstance(tensor, ir.ExternalTensor):
         with contextlib.suppress(BufferError):  # an array view is still alive: unmapped when it dies
             tensor.release()
+
+
+class SpillFile:
+    """An append-only file in a private folder that new weights (quantized, smoothed) move to as they
+    are made, so memory holds one at a time; the save copies them into the output."""
+
+    MIN_BYTES = 2**20  # smaller tensors stay in memory
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / "weights.bin"
+        self.file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+
+    def take(self, value: ir.Value) -> None:
+        """Write ``value``'s in-memory tensor to the file and point the value at it."""
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.MIN_BYTES:
+            return
+        offset = self.file.tell()
+        data = tensor.tobytes()
+        self.file.write(data)
+        self.file.flush()
+        value.const_value = ir.ExternalTensor(
+            self.path.name,
+            offset,
+            len(data),
+            tensor.dtype,
+            shape=tensor.shape,
+            name=value.name,
+            base_dir=self.path.parent,
+        )
+
+    def close(self) -> None:
+        self.file.close()

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxq.passes._util import Namer, add_initializer, constant_array, release
+from onnxq.passes._util import Namer, SpillFile, add_initializer, constant_array, release
 from onnxq.qmath import quantize
 
 
 class PrequantizeWeights(ir.passes.InPlacePass):
-    """Fold QuantizeLinear(constant) into an integer initializer."""
+    """Fold QuantizeLinear(constant) into an integer initializer; with ``spill``, each integer weight
+    of 1 MiB or more moves to that file as soon as it is made."""
+
+    def __init__(self, spill: SpillFile | None = None) -> None:
+        super().__init__()
+        self.spill = spill
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -39,6 +44,9 @@ class PrequantizeWeights(ir.passes.InPlacePass):
             del array, flat  # no view of the mapped weight may outlive it, or it cannot be unmapped
             release(weight)
             q_value = add_initializer(graph, namer(f"{weight.name}_quantized"), q)
+            del q
+            if self.spill is not None:
+                self.spill.take(q_value)
             node.outputs[0].replace_all_uses_with(q_value)
             graph.remove(node, safe=True)
             if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from onnxq.calibrate import ChannelStats
 from onnxq.config import PerTensor, SmoothQuant
-from onnxq.passes._util import Namer, add_initializer
+from onnxq.passes._util import Namer, SpillFile, add_initializer, release
 from onnxq.plan import QuantPlan
 from onnxq.qmath import IntType, int_type, scale_zero_point
 
@@ -120,6 +120,8 @@ def choose_scales(
         if median <= 0 or float(a.max()) < config.min_outlier_ratio * median:
             continue
         w = np.concatenate([c.const_value.numpy().astype(np.float64) for c in cand.weights], axis=1)
+        for c in cand.weights:
+            release(c)
         abs_w = np.abs(w)
         sq_w = np.sum(w * w, axis=1)
         w_max = np.maximum(abs_w.max(axis=1), _MIN_SCALE)
@@ -260,6 +262,7 @@ class SmoothActivations(ir.passes.InPlacePass):
         self.plan, self.ranges, self.stats = plan, ranges, stats
         self.candidates, self.scales = candidates, scales
         self.folded: dict[str, str] = {}  # smoothed tensor -> the node its 1/s was folded into
+        self.spill: SpillFile | None = None  # where smoothed weights wait for the save, if set
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.scales:
@@ -271,8 +274,14 @@ class SmoothActivations(ir.passes.InPlacePass):
             x = cand.nodes[0].inputs[0]
             assert x is not None
             for weight in cand.weights:
-                w = weight.const_value.numpy()
+                old = weight.const_value
+                w = old.numpy()
                 weight.const_value = ir.Tensor((w * s[:, None]).astype(w.dtype), name=weight.name)
+                del w
+                if isinstance(old, ir.ExternalTensor):
+                    old.release()
+                if self.spill is not None:
+                    self.spill.take(weight)
             folded = fold_into_producer(graph, namer, x, cand.nodes, s)
             if folded is not None:
                 self.ranges[name] = smoothed_range(self.stats[name], s)

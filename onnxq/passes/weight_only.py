@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -43,7 +42,7 @@ import onnx_ir as ir
 from onnxq import codebook as cb
 from onnxq.config import Codebook, PerBlock, PerChannel, QuantSpec
 from onnxq.lowbit import WEIGHT_TYPES, WeightType, decode_table, n_blocks, pack, quantize_blocks
-from onnxq.passes._util import Namer, release
+from onnxq.passes._util import Namer, SpillFile, release
 
 log = logging.getLogger(__name__)
 
@@ -159,38 +158,6 @@ def _take_over(graph: ir.Graph, node: ir.Node, out: ir.Value, dtype: ir.DataType
 def _first_use(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
     order = {id(n): i for i, n in enumerate(graph)}
     return min(nodes, key=lambda n: order[id(n)])
-
-
-class SpillFile:
-    """An append-only file in a private folder that quantized weights move to as they are made."""
-
-    MIN_BYTES = 2**20  # smaller tensors stay in memory
-
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / "weights.bin"
-        self.file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-
-    def take(self, value: ir.Value) -> None:
-        """Write ``value``'s in-memory tensor to the file and point the value at it."""
-        tensor = value.const_value
-        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.MIN_BYTES:
-            return
-        offset = self.file.tell()
-        data = tensor.tobytes()
-        self.file.write(data)
-        self.file.flush()
-        value.const_value = ir.ExternalTensor(
-            self.path.name,
-            offset,
-            len(data),
-            tensor.dtype,
-            shape=tensor.shape,
-            name=value.name,
-            base_dir=self.path.parent,
-        )
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class WeightOnlyQuantize(ir.passes.InPlacePass):
