@@ -78,17 +78,35 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return param.reshape(shape)
 
 
+# Elements quantized per step: big weights go through in row blocks that stay in cache.
+_CHUNK_ELEMENTS = 2**16
+
+
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
     """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)`` in zero_point's dtype."""
+    x = np.asarray(x)
+    if x.ndim == 0:
+        return quantize(x.reshape(1), scale, zero_point).reshape(())
     qtype = np.iinfo(zero_point.dtype)
     scale = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
     zp = _broadcast(np.asarray(zero_point), x.ndim, axis).astype(np.float32)
-    q = np.divide(np.asarray(x, np.float32), scale, dtype=np.float32)
-    np.rint(q, out=q)
-    if np.any(zp):
-        np.add(q, zp, out=q)
-    np.clip(q, qtype.min, qtype.max, out=q)
-    return q.astype(zero_point.dtype)
+    out = np.empty(x.shape, zero_point.dtype)
+    if x.ndim < 2:
+        parts: list = [...]
+    else:
+        rows = max(1, _CHUNK_ELEMENTS // max(1, x[0].size))
+        parts = [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+    shift = bool(np.any(zp))
+    for part in parts:
+        s = scale[part] if part is not ... and scale.ndim and scale.shape[0] > 1 else scale
+        z = zp[part] if part is not ... and zp.ndim and zp.shape[0] > 1 else zp
+        q = np.divide(np.asarray(x[part], np.float32), s, dtype=np.float32)
+        np.rint(q, out=q)
+        if shift:
+            np.add(q, z, out=q)
+        np.clip(q, qtype.min, qtype.max, out=q)
+        out[part] = q
+    return out
 
 
 def dequantize(

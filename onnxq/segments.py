@@ -92,58 +92,99 @@ def split(
 ) -> list[Segment]:
     """Cut ``graph`` (topologically sorted) into segments of at most ``budget`` bytes of weights.
 
-    Nodes named with ``sidecar_prefix`` (calibration's reductions, which only read and feed graph
-    outputs) join the segment of their latest producer, so a cut never has to carry a tensor just to
-    reduce it.
+    Nodes that compute from initializers alone (a weight's DequantizeLinear, a Transpose of a
+    constant) are copied into every segment that reads them, so a cut never carries a weight-sized
+    value; so is every DequantizeLinear, so a cut carries the integer tensor and ONNX Runtime still
+    sees each ``DequantizeLinear → op → QuantizeLinear`` group whole (and fuses it). Nodes named
+    with ``sidecar_prefix`` (calibration's reductions, which only read and feed
+    graph outputs) join the segment of their latest producer, so a cut never has to carry a tensor
+    just to reduce it.
     """
+    nodes = list(graph.node)
     sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
     graph_inputs = {i.name for i in graph.input}
+    reads = [node_reads(node) for node in nodes]
+    const_producer: dict[str, int] = {}  # outputs of nodes copied into each segment that reads them
+    for i, node in enumerate(nodes):
+        constant = all((n in sizes and n not in graph_inputs) or n in const_producer for n in reads[i])
+        dequantize = node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+        if (constant or dequantize) and not node.name.startswith(sidecar_prefix):
+            const_producer.update((out, i) for out in node.output if out)
+
+    def closure(i: int) -> set[int]:
+        """The constant nodes node ``i`` needs, transitively."""
+        found: set[int] = set()
+        for n in reads[i]:
+            if n in const_producer:
+                found |= closure_of_value(n, const_producer, reads)
+        return found
+
+    def weights_of(members: set[int]) -> set[str]:
+        return {n for j in members for n in reads[j] if n in sizes}
+
     produced_in: dict[str, int] = {}
-    assignment: list[int] = []
-    reads: list[list[str]] = []
-    current, used = 0, 0
-    seen: set[str] = set()
-    for node in graph.node:
-        names = node_reads(node)
-        reads.append(names)
-        earliest = max((produced_in[n] for n in names if n in produced_in), default=0)
+    members: list[set[int]] = [set()]
+    assignment: dict[int, int] = {}
+    current, seen = 0, set()
+    for i, node in enumerate(nodes):
+        if any(out in const_producer for out in node.output if out):
+            continue
+        needs = closure(i) | {i}
         if node.name.startswith(sidecar_prefix):
-            seg = earliest
+            seg = max((produced_in[n] for n in reads[i] if n in produced_in), default=0)
         else:
-            new = {n for n in names if n in sizes and n not in seen}
-            extra = sum(sizes[n] for n in new)
-            if used and used + extra > budget:
-                current, used, seen = current + 1, 0, set()
-                new = {n for n in names if n in sizes}
-                extra = sum(sizes[n] for n in new)
+            new = weights_of(needs) - seen
+            if seen and sum(sizes[n] for n in seen | new) > budget:
+                current, seen = current + 1, set()
+                members.append(set())
+                new = weights_of(needs)
             seg = current
-            used += extra
             seen |= new
-        assignment.append(seg)
+        members[seg] |= needs
+        assignment[i] = seg
         for out in node.output:
             if out:
                 produced_in[out] = seg
-    count = (max(assignment) + 1) if assignment else 1
     graph_outputs = [o.name for o in graph.output]
+    for name in graph_outputs:  # a constant graph output: computed by the last segment
+        if name in const_producer:
+            members[-1] |= closure_of_value(name, const_producer, reads)
     last_read: dict[str, int] = {}
-    for seg, names in zip(assignment, reads, strict=True):
-        for n in names:
-            last_read[n] = max(last_read.get(n, -1), seg)
+    for seg, idx_set in enumerate(members):
+        for i in idx_set:
+            for n in reads[i]:
+                last_read[n] = max(last_read.get(n, -1), seg)
     segments = []
-    for seg in range(count):
-        idx = tuple(i for i, s in enumerate(assignment) if s == seg)
-        here = {out for i in idx for out in graph.node[i].output if out}
+    for seg, idx_set in enumerate(members):
+        idx = tuple(sorted(idx_set))
+        here = {out for i in idx for out in nodes[i].output if out}
         inputs = dict.fromkeys(
             n
             for i in idx
             for n in reads[i]
             if n not in here and n not in sizes and (n in produced_in or n in graph_inputs)
         )
-        outputs = [n for n in here if last_read.get(n, -1) > seg]
-        outputs += [n for n in graph_outputs if n in here and n not in outputs]
-        weight = sum(sizes[n] for n in {n for i in idx for n in reads[i] if n in sizes})
-        segments.append(Segment(idx, tuple(inputs), tuple(sorted(set(outputs), key=outputs.index)), weight))
+        outputs = [n for n in here if last_read.get(n, -1) > seg and n not in const_producer]
+        outputs += [
+            n
+            for n in graph_outputs
+            if n in here and n not in outputs and (n not in const_producer or seg == len(members) - 1)
+        ]
+        weight = sum(sizes[n] for n in weights_of(idx_set))
+        segments.append(Segment(idx, tuple(inputs), tuple(dict.fromkeys(outputs)), weight))
     return segments
+
+
+def closure_of_value(name: str, const_producer: dict[str, int], reads: list[list[str]]) -> set[int]:
+    """The constant nodes that compute ``name``, transitively."""
+    found: set[int] = set()
+    todo = [name]
+    while todo:
+        j = const_producer[todo.pop()]
+        if j not in found:
+            found.add(j)
+            todo.extend(n for n in reads[j] if n in const_producer)
+    return found
 
 
 def segment_model(
@@ -248,20 +289,8 @@ class SegmentRunner:
         self.graph_inputs = [i.name for i in graph.input]
         self.graph_outputs = {o.name for o in graph.output}
         segments = split(graph, SEGMENT_BYTES if budget is None else budget)
-        types = value_types(model)
-        untyped = sorted(
-            {
-                n
-                for s in segments[1:]
-                for n in s.inputs
-                if not types.get(n, onnx.ValueInfoProto()).HasField("type")
-            }
-        )
-        if len(segments) > 1 and untyped:
-            log.info("calibrating in one piece: no type known for %s", ", ".join(untyped[:3]))
-            segments = []
         self.segments = segments if len(segments) > 1 else []
-        self.types = types
+        self.types = value_types(model)
 
     @property
     def count(self) -> int:
@@ -283,10 +312,17 @@ class SegmentRunner:
         try:
             count = 0
             for k, segment in enumerate(self.segments):
-                session = self.open_session(
-                    segment_model(self.model, segment, self.types).SerializeToString()
-                )
+                if k and not count:
+                    break  # no samples
+                types = self.types
+                if k and count:  # inputs the graph gives no type: the type of what the store holds
+                    types = {**types, **_stored_types(store, segment, types)}
                 fetch = list(segment.outputs)
+                session = (
+                    self.open_session(segment_model(self.model, segment, types).SerializeToString())
+                    if fetch
+                    else None
+                )
                 feeds: Iterable[tuple[int, dict[str, np.ndarray]]]
                 if k == 0:
                     feeds = enumerate(samples)
@@ -298,7 +334,7 @@ class SegmentRunner:
                         for name in later & feed.keys():
                             store.put(i, name, feed[name])
                         feed = {n: feed[n] for n in segment.inputs if n in feed}
-                    named = dict(zip(fetch, _run(session, fetch, feed, i), strict=True))
+                    named = dict(zip(fetch, _run(session, fetch, feed, i), strict=True)) if fetch else {}
                     for name in later & named.keys():
                         store.put(i, name, named[name])
                     yield i, {n: a for n, a in named.items() if n in self.graph_outputs}
@@ -308,6 +344,19 @@ class SegmentRunner:
                 )
         finally:
             store.close()
+
+
+def _stored_types(
+    store: ActivationStore, segment: Segment, types: dict[str, onnx.ValueInfoProto]
+) -> dict[str, onnx.ValueInfoProto]:
+    """Typed inputs (element type, rank-free shape) for ``segment``'s inputs without a declared type,
+    from the arrays sample 0 stored for them."""
+    out = {}
+    for name in segment.inputs:
+        if not types.get(name, onnx.ValueInfoProto()).HasField("type"):
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(store.get(0, name).dtype)
+            out[name] = onnx.helper.make_tensor_value_info(name, dtype, None)
+    return out
 
 
 def store_names(store: ActivationStore) -> set[str]:

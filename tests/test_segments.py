@@ -149,3 +149,64 @@ def test_segmented_and_spilled_quantization_writes_the_same_model(
     for got, want in zip(parts.summary.fidelity, whole.summary.fidelity, strict=True):
         assert got.name == want.name
         assert got.cosine == pytest.approx(want.cosine, abs=1e-4)
+
+
+def test_runner_types_cut_values_the_graph_leaves_untyped(model_path, calib_feeds):
+    """A graph without value_info (as a rewrite may leave it) still runs in segments: the cut values
+    get the element type of the arrays the first sample produced."""
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model_path("tiny-gpt2")))
+    del proto.graph.value_info[:]
+    feeds = calib_feeds("tiny-gpt2", 3)
+    whole = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = segments.SegmentRunner(
+        proto, lambda data: ort.InferenceSession(data, providers=["CPUExecutionProvider"]), budget=10_000
+    )
+    assert runner.count >= 5
+    got: dict[int, dict[str, np.ndarray]] = {}
+    for index, outputs in runner.run(feeds):
+        got.setdefault(index, {}).update(outputs)
+    names = [o.name for o in proto.graph.output]
+    for index, feed in enumerate(feeds):
+        for name, want in zip(names, whole.run(names, feed), strict=True):
+            np.testing.assert_allclose(got[index][name], want, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_dequantization_is_copied_into_its_readers_segment(model_path, calib_feeds, tmp_path):
+    """A quantized model lists every weight's DequantizeLinear first; cutting it must not carry
+    dequantized weights across cuts: each segment recomputes the ones it reads."""
+    import onnxruntime as ort
+
+    import onnxq
+    from onnxq import model_io
+
+    out = tmp_path / "q.onnx"
+    onnxq.quantize(model_path("tiny-llama"), calib_feeds("tiny-llama", 4), output=out, progress=False)
+    proto = model_io.read_graph(out)
+    cut = segments.split(proto.graph, 10_000)
+    assert len(cut) >= 5
+    weights = {t.name for t in proto.graph.initializer}
+    from_weights = {
+        o
+        for node in proto.graph.node
+        if node.input and all(i in weights for i in node.input)
+        for o in node.output
+    }
+    assert from_weights and not from_weights & {n for s in cut for n in s.inputs}
+    folder = str(tmp_path)
+
+    def open_session(data: bytes):
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+    feeds = calib_feeds("tiny-llama", 2)
+    got: dict[int, dict[str, np.ndarray]] = {}
+    for index, outputs in segments.SegmentRunner(proto, open_session, budget=10_000).run(feeds):
+        got.setdefault(index, {}).update(outputs)
+    whole = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in proto.graph.output]
+    for index, feed in enumerate(feeds):
+        for name, want in zip(names, whole.run(names, feed), strict=True):
+            np.testing.assert_allclose(got[index][name], want, rtol=1e-3, atol=1e-3, err_msg=name)

@@ -95,7 +95,7 @@ def _expected_error(
     lo, hi = smoothed_range(stats, s)
     scale, _ = scale_zero_point(lo, hi, qtype, symmetric)  # widens the range to include 0
     act_noise = float(scale) ** 2 / 12.0 * float(np.dot(s**2, sq_w))
-    scaled = abs_w * s[:, None]
+    scaled = abs_w * s[:, None].astype(abs_w.dtype)
     col_max = scaled.max(axis=0) if per_channel else np.full(abs_w.shape[1], scaled.max())
     w_step = col_max / 127.0
     weight_noise = float(np.sum(w_step**2) / 12.0 * np.dot(stats.mean_square(), 1.0 / s**2))
@@ -119,11 +119,13 @@ def choose_scales(
         median = float(np.median(a))
         if median <= 0 or float(a.max()) < config.min_outlier_ratio * median:
             continue
-        w = np.concatenate([c.const_value.numpy().astype(np.float64) for c in cand.weights], axis=1)
+        # float32 copies (a gate/up pair of a 4096-wide model is 360 MB); sums in float64
+        w = np.concatenate([c.const_value.numpy().astype(np.float32) for c in cand.weights], axis=1)
         for c in cand.weights:
             release(c)
-        abs_w = np.abs(w)
-        sq_w = np.sum(w * w, axis=1)
+        sq_w = np.einsum("ij,ij->i", w, w, dtype=np.float64)
+        abs_w = np.abs(w, out=w)
+        del w
         w_max = np.maximum(abs_w.max(axis=1), _MIN_SCALE)
         spec = plan.activations[name].spec
         act = (int_type(spec.dtype), spec.symmetric)
@@ -156,7 +158,15 @@ def _only_use(value: ir.Value | None, node: ir.Node) -> bool:
     return value is not None and not value.is_graph_output() and [u.node for u in value.uses()] == [node]
 
 
-def _divide(graph: ir.Graph, namer: Namer, node: ir.Node, index: int, s: np.ndarray, axis: int = -1) -> None:
+def _divide(
+    graph: ir.Graph,
+    namer: Namer,
+    node: ir.Node,
+    index: int,
+    s: np.ndarray,
+    axis: int = -1,
+    spill: SpillFile | None = None,
+) -> None:
     """Divide constant input ``index`` of ``node`` by ``s`` along ``axis``: in place when ``node`` is
     its only reader (the name, which the plan may refer to, is kept), else as a new initializer so
     the other readers see the constant as it was."""
@@ -166,14 +176,27 @@ def _divide(graph: ir.Graph, namer: Namer, node: ir.Node, index: int, s: np.ndar
     shape = [1] * array.ndim
     shape[axis] = s.size
     scaled = (array / s.reshape(shape)).astype(array.dtype)
+    del array
     if [u.node for u in value.uses()] == [node]:
+        old = value.const_value
         value.const_value = ir.Tensor(scaled, name=value.name)
+        if isinstance(old, ir.ExternalTensor):
+            old.release()
     else:
-        node.replace_input_with(index, add_initializer(graph, namer(f"{value.name}_smoothed"), scaled))
+        value = add_initializer(graph, namer(f"{value.name}_smoothed"), scaled)
+        node.replace_input_with(index, value)
+    del scaled
+    if spill is not None:
+        spill.take(value)
 
 
 def fold_into_producer(
-    graph: ir.Graph, namer: Namer, x: ir.Value, readers: list[ir.Node], s: np.ndarray
+    graph: ir.Graph,
+    namer: Namer,
+    x: ir.Value,
+    readers: list[ir.Node],
+    s: np.ndarray,
+    spill: SpillFile | None = None,
 ) -> str | None:
     """Divide ``x``'s channels by ``s`` inside the node that produces it (see the module docstring);
     returns what was folded into, or None when no fold applies (nothing is changed then)."""
@@ -190,7 +213,7 @@ def fold_into_producer(
         extra = [i for i in (1, 2) if len(node.inputs) > i and node.inputs[i] is not None]
         if all(_per_channel_constant(node.inputs[i], k) is not None for i in extra):
             for i in extra:
-                _divide(graph, namer, node, i, s)
+                _divide(graph, namer, node, i, s, spill=spill)
             return f"LayerNormalization {node.name}"
     if node.op_type == "Add":
         for c in (0, 1):
@@ -204,13 +227,13 @@ def fold_into_producer(
             ):
                 g = next((i for i in (0, 1) if _per_channel_constant(mul.inputs[i], k) is not None), None)
                 if g is not None:
-                    _divide(graph, namer, node, c, s)
-                    _divide(graph, namer, mul, g, s)
+                    _divide(graph, namer, node, c, s, spill=spill)
+                    _divide(graph, namer, mul, g, s, spill=spill)
                     return f"norm {mul.name} + {node.name}"
     if node.op_type == "Mul":
         g = next((i for i in (0, 1) if _per_channel_constant(node.inputs[i], k) is not None), None)
         if g is not None:
-            _divide(graph, namer, node, g, s)
+            _divide(graph, namer, node, g, s, spill=spill)
             return f"norm scale {node.name}"
         for i in (0, 1):  # X = a · b: scale b's producing MatMul (and its bias)
             b = node.inputs[i]
@@ -239,9 +262,9 @@ def fold_into_producer(
                 continue
             if len(w.const_value.shape) != 2:
                 continue
-            _divide(graph, namer, matmul, 1, s, axis=1)
+            _divide(graph, namer, matmul, 1, s, axis=1, spill=spill)
             if bias is not None:
-                _divide(graph, namer, bias[0], bias[1], s)
+                _divide(graph, namer, bias[0], bias[1], s, spill=spill)
             return f"MatMul {matmul.name}"
     return None
 
@@ -282,7 +305,7 @@ class SmoothActivations(ir.passes.InPlacePass):
                     old.release()
                 if self.spill is not None:
                     self.spill.take(weight)
-            folded = fold_into_producer(graph, namer, x, cand.nodes, s)
+            folded = fold_into_producer(graph, namer, x, cand.nodes, s, self.spill)
             if folded is not None:
                 self.ranges[name] = smoothed_range(self.stats[name], s)
                 self.folded[name] = folded
