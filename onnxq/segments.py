@@ -105,9 +105,12 @@ def split(
     graph_inputs = {i.name for i in graph.input}
     reads = [node_reads(node) for node in nodes]
     const_producer: dict[str, int] = {}  # outputs of nodes copied into each segment that reads them
+    constants: set[str] = set()  # values computed from initializers alone
     for i, node in enumerate(nodes):
-        constant = all((n in sizes and n not in graph_inputs) or n in const_producer for n in reads[i])
+        constant = all((n in sizes and n not in graph_inputs) or n in constants for n in reads[i])
         dequantize = node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+        if constant:
+            constants.update(out for out in node.output if out)
         if (constant or dequantize) and not node.name.startswith(sidecar_prefix):
             const_producer.update((out, i) for out in node.output if out)
 

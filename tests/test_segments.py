@@ -194,6 +194,9 @@ def test_weight_dequantization_is_copied_into_its_readers_segment(model_path, ca
         for o in node.output
     }
     assert from_weights and not from_weights & {n for s in cut for n in s.inputs}
+    placed = [i for s in cut for i in s.nodes]
+    matmuls = [i for i, node in enumerate(proto.graph.node) if node.op_type == "MatMul"]
+    assert matmuls and all(placed.count(i) == 1 for i in matmuls)  # computed once, never copied
     folder = str(tmp_path)
 
     def open_session(data: bytes):
