@@ -416,8 +416,10 @@ def calibrate(
         proto, folder = proto_for_ort(model)
     channel_names = augment.channel_names
 
-    def open_session(data: bytes) -> ort.InferenceSession:
+    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
         so = session_options(spinning=True)
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         if folder is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:

@@ -273,8 +273,10 @@ def measure_fidelity(
     else:
         proto, folder = proto_for_ort(model)
 
-    def open_session(data: bytes) -> ort.InferenceSession:
+    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
         so = session_options(spinning=True)
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         if folder is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])

@@ -272,8 +272,11 @@ class ActivationStore:
 class SegmentRunner:
     """Runs samples through ``model`` segment by segment (see the module docstring).
 
-    ``open_session(model_bytes)`` makes one segment's session; :meth:`run` yields, segment after
-    segment and sample after sample, ``(sample index, graph outputs that segment produced)``.
+    ``open_session(model_bytes, prepack)`` makes one segment's session, with ORT's weight
+    pre-packing only when ``prepack`` (false for a segment over the budget — a single node whose
+    weights exceed it — since packing would hold that weight twice while the session loads);
+    :meth:`run` yields, segment after segment and sample after sample, ``(sample index, graph
+    outputs that segment produced)``.
     ``budget`` / ``store_bytes``: weights per segment and cut activations held in memory (default
     :data:`SEGMENT_BYTES` / :data:`STORE_BYTES`).
     """
@@ -291,8 +294,10 @@ class SegmentRunner:
         graph = model.graph
         self.graph_inputs = [i.name for i in graph.input]
         self.graph_outputs = {o.name for o in graph.output}
-        segments = split(graph, SEGMENT_BYTES if budget is None else budget)
+        self.budget = SEGMENT_BYTES if budget is None else budget
+        segments = split(graph, self.budget)
         self.segments = segments if len(segments) > 1 else []
+        self.whole_bytes = sum(tensor_bytes(t) for t in graph.initializer)
         self.types = value_types(model)
 
     @property
@@ -302,7 +307,7 @@ class SegmentRunner:
 
     def run(self, samples: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         if not self.segments:
-            session = self.open_session(self.model.SerializeToString())
+            session = self.open_session(self.model.SerializeToString(), self.whole_bytes <= self.budget)
             fetch = [o.name for o in self.model.graph.output]
             try:
                 for i, sample in enumerate(samples):
@@ -322,7 +327,10 @@ class SegmentRunner:
                     types = {**types, **_stored_types(store, segment, types)}
                 fetch = list(segment.outputs)
                 session = (
-                    self.open_session(segment_model(self.model, segment, types).SerializeToString())
+                    self.open_session(
+                        segment_model(self.model, segment, types).SerializeToString(),
+                        segment.weight_bytes <= self.budget,
+                    )
                     if fetch
                     else None
                 )

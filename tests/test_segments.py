@@ -161,7 +161,7 @@ def test_runner_types_cut_values_the_graph_leaves_untyped(model_path, calib_feed
     feeds = calib_feeds("tiny-gpt2", 3)
     whole = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     runner = segments.SegmentRunner(
-        proto, lambda data: ort.InferenceSession(data, providers=["CPUExecutionProvider"]), budget=10_000
+        proto, lambda data, _: ort.InferenceSession(data, providers=["CPUExecutionProvider"]), budget=10_000
     )
     assert runner.count >= 5
     got: dict[int, dict[str, np.ndarray]] = {}
@@ -199,7 +199,7 @@ def test_weight_dequantization_is_copied_into_its_readers_segment(model_path, ca
     assert matmuls and all(placed.count(i) == 1 for i in matmuls)  # computed once, never copied
     folder = str(tmp_path)
 
-    def open_session(data: bytes):
+    def open_session(data: bytes, prepack: bool):
         so = ort.SessionOptions()
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
