@@ -116,6 +116,9 @@ class GPTQ:
       weighted rounding error of the block (``clip_grid=0``: plain RTN scales).
     - ``awq``: run :class:`AWQ`'s scale search (and clip search) first, then GPTQ on the scaled
       weights with the Hessians of the scaled activations (statistics from the same single pass).
+    - ``sequential`` (without ``awq``): quantize layer by layer, each layer's Hessians gathered on
+      the outputs of the already quantized layers before it (two passes of the samples per layer);
+      ``False``: every Hessian from the fp32 model in one pass (faster, less accurate).
 
     Details: :mod:`onnxq.weight_algorithms`.
     """
@@ -127,6 +130,7 @@ class GPTQ:
     clip_grid: int = 20
     max_shrink: float = 0.2
     awq: AWQ | None = None
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if self.awq is not None and not isinstance(self.awq, AWQ):

@@ -453,6 +453,215 @@ class GPTQQuantizer:
         return q, scale, zp
 
 
+class SequentialGPTQ:
+    """GPTQ layer by layer, each layer's Hessians from the outputs of the already quantized layers
+    before it (the papers' sequential procedure; :func:`sequential_gptq` computes it). The weight-only
+    pass's hook: it hands out the precomputed ``(q, scale, zero_point)`` of each target."""
+
+    def __init__(
+        self, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]]
+    ) -> None:
+        self.results = results
+        self.seconds = 0.0
+
+    def __call__(
+        self, name: str, w: np.ndarray, wtype: WeightType, axis: int, block: int | None, symmetric: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        found = self.results.get(name)
+        if found is None or found[3] != block or found[0].shape != (w if axis == 0 else w.T).shape:
+            return None
+        q, scale, zp, _ = found
+        if axis == 1:
+            return q.T, scale.T, None if zp is None else zp.T
+        return q, scale, zp
+
+
+def _weight_block(spec: QuantSpec, length: int) -> int | None:
+    """The block along K the weight-only pass uses for a weight with ``length`` rows of K."""
+    from onnxq.config import PerBlock
+
+    gran = spec.granularity
+    if isinstance(gran, PerBlock):
+        return gran.size if gran.size < length else None
+    return None
+
+
+def sequential_gptq(
+    model: ir.Model,
+    targets: dict[str, Target],
+    samples: Iterable[dict[str, np.ndarray]],
+    spec: QuantSpec,
+    config: GPTQ,
+    *,
+    progress: bool = False,
+) -> tuple[SequentialGPTQ, int]:
+    """GPTQ of every target, segment by segment (:mod:`onnxq.segments`, about one decoder layer a
+    segment): the samples run through segment ``k`` once with its fp32 weights, to fold the Hessians
+    of the activations it produces, and once with its weights GPTQ-quantized (and dequantized), to
+    produce what the next segment reads. Each layer thus corrects for the error of the layers before
+    it. Memory: one segment's weights twice, its targets' Hessians, and the cut activations of all
+    samples (spilled to disk past :data:`onnxq.segments.STORE_BYTES`). Returns the hook and the
+    number of samples."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from onnxq.calibrate import _Augment, proto_for_ort, release_freed_memory, session_options
+    from onnxq.segments import (
+        ActivationStore,
+        SampleFailed,
+        _run,
+        node_reads,
+        segment_model,
+        split,
+        tensor_bytes,
+    )
+
+    wtype = WEIGHT_TYPES[spec.dtype]
+    symmetric = wtype.signed or wtype.is_float
+    acts = list(dict.fromkeys(a for t in targets.values() for a in t.activations))
+    with _Augment(model, [], raw=acts):
+        proto, folder = proto_for_ort(model)
+    sizes = {t.name: tensor_bytes(t) for t in proto.graph.initializer}
+    total = sum(sizes.values())
+    largest = max((sizes.get(n, 0) for n in targets), default=0)
+    segments = split(proto.graph, max(total // 32, largest, 1))
+    graph_inputs = {i.name for i in proto.graph.input}
+    weight_segment: dict[str, int] = {}
+    for k, seg in enumerate(segments):
+        for i in seg.nodes:
+            for n in node_reads(proto.graph.node[i]):
+                if n in targets:
+                    weight_segment.setdefault(n, k)
+    remaining: dict[tuple[str, ...], int] = {}
+    for t in targets.values():
+        remaining[tuple(t.activations)] = remaining.get(tuple(t.activations), 0) + 1
+    stats: dict[str, ActivationStats] = {}
+    results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]] = {}
+
+    def open_session(data: bytes) -> ort.InferenceSession:
+        so = session_options(spinning=True)
+        if folder is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+    def fold(name: str, x: np.ndarray) -> None:
+        if x.size and np.issubdtype(x.dtype, np.floating):
+            stats.setdefault(name, ActivationStats(True, 0)).update(x.reshape(-1, x.shape[-1]))
+
+    def quantize_segment(k: int) -> dict[str, np.ndarray]:
+        """GPTQ of the targets read in segment ``k``; returns their dequantized weights."""
+        factors: dict[tuple[str, ...], HessianFactor] = {}
+        dequantized = {}
+        for name, t in targets.items():
+            if weight_segment.get(name) != k:
+                continue
+            key = tuple(t.activations)
+            w = t.value.const_value.numpy()
+            wk = np.asarray(w.T if t.transposed else w, np.float32)
+            del w
+            release_weight(t.value)
+            hs = [stats[a] for a in key if a in stats and stats[a].hessian is not None]
+            if not hs or hs[0].hessian.shape != (wk.shape[0], wk.shape[0]):  # type: ignore[union-attr]
+                continue  # never reached by the samples, or not a [K, N] read: RTN in the pass
+            if key not in factors:
+                h = sum(s.hessian for s in hs) / max(sum(s.rows for s in hs), 1)  # type: ignore[misc]
+                factors[key] = factor_hessian(h, config)
+            block = _weight_block(spec, wk.shape[0])
+            q, scale, zp = gptq_quantize(wk, factors[key], wtype, block, symmetric, config)
+            results[name] = (q, scale, zp, block)
+            deq = dequantize_blocks(q, scale, zp, 0, block).astype(wk.dtype)
+            dequantized[name] = deq.T if t.transposed else deq
+            remaining[key] -= 1
+            if remaining[key] == 0:
+                for a in key:
+                    if all(
+                        a not in o.activations or remaining[tuple(o.activations)] == 0
+                        for o in targets.values()
+                    ):
+                        stats.pop(a, None)
+        return dequantized
+
+    store = ActivationStore()
+    later = [{n for s in segments[k + 1 :] for n in s.inputs} for k in range(len(segments))]
+    count = 0
+    bar = tqdm(
+        total=len(segments), desc="GPTQ layer by layer", unit="segment", disable=not progress, leave=False
+    )
+    try:
+        for k, seg in enumerate(segments):
+            part = segment_model(proto, seg, _typed(proto, seg, store, count))
+            stat_fetch = [a for a in seg.outputs if a in acts]
+            fp32 = open_session(part.SerializeToString()) if stat_fetch else None
+            feeds: Iterable[tuple[int, dict[str, np.ndarray]]]
+            if k == 0:
+                feeds = enumerate(samples)
+            else:
+                feeds = ((i, {n: store.get(i, n) for n in seg.inputs}) for i in range(count))
+            # pass 1: fp32 weights of this segment, Hessians of the activations it produces
+            cached: list[tuple[int, dict[str, np.ndarray]]] = []
+            for i, feed in feeds:
+                if k == 0:
+                    count += 1
+                    for name in later[0] & feed.keys():
+                        store.put(i, name, feed[name])
+                    for a in acts:
+                        if a in graph_inputs and a in feed:
+                            fold(a, feed[a])
+                    feed = {n: feed[n] for n in seg.inputs if n in feed}
+                    cached.append((i, feed))
+                if fp32 is not None:
+                    for name, x in zip(stat_fetch, _run(fp32, stat_fetch, feed, i), strict=True):
+                        fold(name, x)
+            del fp32
+            # pass 2: this segment's weights quantized, outputs for the segments after it
+            dequantized = quantize_segment(k)
+            hand_on = [n for n in seg.outputs if n in later[k]]
+            if hand_on:
+                for init in part.graph.initializer:
+                    if init.name in dequantized:
+                        init.CopyFrom(numpy_helper.from_array(dequantized[init.name], init.name))
+                del dequantized
+                quantized = open_session(part.SerializeToString())
+                del part
+                feeds = (
+                    cached
+                    if k == 0
+                    else ((i, {n: store.get(i, n) for n in seg.inputs}) for i in range(count))
+                )
+                for i, feed in feeds:
+                    for name, x in zip(hand_on, _run(quantized, hand_on, feed, i), strict=True):
+                        store.put(i, name, x)
+                del quantized
+            cached = []
+            store.drop(n for n in {key[1] for key in (*store.memory, *store.spilled)} if n not in later[k])
+            release_freed_memory()
+            bar.update(1)
+    except SampleFailed as exc:
+        raise CalibrationDataError(f"calibration sample {exc.index} failed in ONNX Runtime: {exc}") from None
+    finally:
+        bar.close()
+        store.close()
+    if count == 0:
+        raise CalibrationDataError("the calibration data holds no samples")
+    return SequentialGPTQ(results), count
+
+
+def release_weight(value: ir.Value) -> None:
+    """Unmap a file-backed weight once read."""
+    from onnxq.passes._util import release
+
+    release(value)
+
+
+def _typed(proto, seg, store, count: int) -> dict:
+    """Value types for ``seg``'s model: the graph's, and for cut values it leaves untyped the type
+    of the arrays the first sample stored."""
+    from onnxq.segments import _stored_types, value_types
+
+    types = value_types(proto)
+    return {**types, **_stored_types(store, seg, types)} if count else types
+
+
 # ------------------------------------------------------------------------------------------------
 # AWQ
 # ------------------------------------------------------------------------------------------------
@@ -700,11 +909,40 @@ def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
+    """The fp32 model's outputs on ``inputs`` (run segment by segment), for the fidelity check."""
+    import onnxruntime as ort
+
+    from onnxq.calibrate import KEEP_BYTES, proto_for_ort, session_options
+    from onnxq.segments import SegmentRunner
+
+    if not inputs:
+        return [], []
+    proto, folder = proto_for_ort(model)
+
+    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
+        so = session_options(spinning=True)
+        if folder is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+    outputs: dict[int, dict[str, np.ndarray]] = {}
+    for index, named in SegmentRunner(proto, open_session).run(inputs):
+        outputs.setdefault(index, {}).update(named)
+    kept, total = [], 0
+    for i in sorted(outputs):
+        if kept and total >= KEEP_BYTES:
+            break
+        kept.append(i)
+        total += sum(a.nbytes for a in outputs[i].values())
+    return [inputs[i] for i in kept], [outputs[i] for i in kept]
+
+
 @dataclass
 class Prepared:
     """What :func:`prepare_algorithm` hands the weight-only pipeline."""
 
-    quantizer: GPTQQuantizer | None
+    quantizer: GPTQQuantizer | SequentialGPTQ | None
     references: tuple[list, list]
     samples: int
     notes: list[str]
@@ -730,6 +968,21 @@ def prepare_algorithm(
     acts = [a for t in targets.values() for a in t.activations]
     is_gptq = isinstance(algo, GPTQ)
     awq = algo.awq if isinstance(algo, GPTQ) else algo
+    if is_gptq and awq is None and algo.sequential:  # type: ignore[union-attr]
+        kept: list = []
+
+        def first(samples: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+            for sample in samples:
+                if len(kept) < keep:
+                    kept.append(sample)
+                yield sample
+
+        hook, n = sequential_gptq(model, targets, first(samples), config.weights, algo, progress=progress)  # type: ignore[arg-type]
+        notes = [
+            f"GPTQ layer by layer: {len(hook.results)} of {len(targets)} weights from {n} calibration "
+            f"samples in {time.perf_counter() - t0:.1f} s"
+        ]
+        return Prepared(hook, _fp32_references(model, kept), n, notes)  # type: ignore[arg-type]
     stats, n, kept_in, kept_out = collect_statistics(
         model,
         acts,

@@ -121,7 +121,14 @@ def _logits_error(fp32, model_bytes: bytes, feeds) -> float:
 
 
 @pytest.mark.parametrize(
-    "algorithm", [GPTQ(), GPTQ(act_order=False, static_groups=True), AWQ(), GPTQ(awq=AWQ(clip=False))]
+    "algorithm",
+    [
+        GPTQ(),
+        GPTQ(sequential=False),
+        GPTQ(act_order=False, static_groups=True),
+        AWQ(),
+        GPTQ(awq=AWQ(clip=False)),
+    ],
 )
 def test_tiny_llama_better_than_rtn_and_fused_by_ort(tmp_path, llama, algorithm) -> None:
     fp32, feeds = llama
@@ -151,6 +158,34 @@ def test_tiny_llama_matmul_nbits_format(llama) -> None:
     result = onnxq.quantize(fp32, feeds, config=config, progress=False)
     assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == 15
     assert min(f.cosine for f in result.summary.fidelity) > 0.98
+
+
+def test_sequential_gptq_corrects_for_the_layers_before(llama) -> None:
+    """Layer by layer, the first layer's Hessians are the fp32 ones (same integers as the one-pass
+    GPTQ), later layers' come from the quantized layers before them (different integers), and the
+    calibration data is still read once."""
+    import onnx_ir as ir
+    from onnx import numpy_helper
+
+    fp32, feeds = llama
+    seen = []
+
+    def gen():
+        for f in feeds:
+            seen.append(1)
+            yield f
+
+    def weights(algorithm, data) -> tuple[dict[str, np.ndarray], list[str]]:
+        config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
+        model = ir.to_proto(onnxq.quantize(fp32, data, config=config, progress=False).model)
+        q = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_q")}
+        return q, [i for node in model.graph.node for i in node.input if i in q]  # in graph order
+
+    (layered, order), (one_pass, _) = weights(GPTQ(), gen()), weights(GPTQ(sequential=False), feeds)
+    assert len(seen) == len(feeds)
+    assert layered.keys() == one_pass.keys() and len(layered) == 15
+    same = [n for n in order if np.array_equal(layered[n], one_pass[n])]
+    assert order[0] in same and order[-1] not in same  # first layer identical, the last one corrected
 
 
 def test_generator_data_is_read_once(llama) -> None:

@@ -200,7 +200,7 @@ def main() -> int:
         if mode == "int4":
             cmd = [*cli, "--weight-only", "int4", "--block-size", "128"]
         else:
-            cmd = [*cli, "--calib", str(folder / "calib.npz"), "--no-fidelity"]
+            cmd = [*cli, "--calib", str(folder / "calib.npz")]
         wall, peak, code = run(cmd)
         size = sum(p.stat().st_size for p in folder.glob(f"model.{mode}.onnx*"))
         rows.append((mode, wall, peak, code, size))
