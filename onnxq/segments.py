@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # enough that a segment's mapped weights are a small share of a big model.
 SEGMENT_BYTES = 128 * 2**20
 # Cut activations kept in memory across segments; the rest go to an anonymous temporary file.
-STORE_BYTES = 128 * 2**20
+STORE_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def segment_model(
         reads.update(node_reads(node))
     part.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
     part.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in reads)
-    part.graph.input.extend(types[n] for n in segment.inputs)
+    part.graph.input.extend(types.get(n, onnx.ValueInfoProto(name=n)) for n in segment.inputs)
     part.graph.output.extend(types.get(n, onnx.ValueInfoProto(name=n)) for n in segment.outputs)
     return part
 
@@ -231,6 +231,9 @@ class ActivationStore:
     file: object | None = None
 
     def put(self, sample: int, name: str, array: np.ndarray) -> None:
+        if not isinstance(array, np.ndarray):  # a sequence or map value: kept as ORT returned it
+            self.memory[sample, name] = array
+            return
         if self.held + array.nbytes <= self.budget or array.nbytes == 0:
             self.memory[sample, name] = array
             self.held += array.nbytes
@@ -256,7 +259,7 @@ class ActivationStore:
     def drop(self, names: Iterable[str]) -> None:
         names = set(names)
         for key in [k for k in self.memory if k[1] in names]:
-            self.held -= self.memory.pop(key).nbytes
+            self.held -= getattr(self.memory.pop(key), "nbytes", 0)
         for key in [k for k in self.spilled if k[1] in names]:
             del self.spilled[key]
 
@@ -364,8 +367,9 @@ def _stored_types(
     from the arrays sample 0 stored for them."""
     out = {}
     for name in segment.inputs:
-        if not types.get(name, onnx.ValueInfoProto()).HasField("type"):
-            dtype = onnx.helper.np_dtype_to_tensor_dtype(store.get(0, name).dtype)
+        stored = store.get(0, name)
+        if not types.get(name, onnx.ValueInfoProto()).HasField("type") and isinstance(stored, np.ndarray):
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(stored.dtype)
             out[name] = onnx.helper.make_tensor_value_info(name, dtype, None)
     return out
 

@@ -19,8 +19,8 @@ per block). What is emitted for MatMul, Gemm and Gather, and how ONNX Runtime ru
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -201,29 +201,13 @@ def describe(config: QuantConfig) -> str:
 
 
 def _fp32_outputs(model: Any, ir_model: ir.Model, samples) -> tuple[list, list]:
-    """The first samples and the float model's outputs on them (for the fidelity check)."""
-    import onnxruntime as ort
+    """The first samples and the float model's outputs on them (for the fidelity check), run
+    segment by segment like calibration (:mod:`onnxq.segments`), so a big model is never loaded
+    whole; decoder logits (~100 MB a sample) keep the number of samples kept small."""
+    from onnxq.pipeline import FIDELITY_SAMPLES
+    from onnxq.weight_algorithms import _fp32_references
 
-    from onnxq.calibrate import session_options
-
-    if isinstance(model, str | os.PathLike) and Path(model).is_file():
-        sess = ort.InferenceSession(str(model), session_options(), providers=["CPUExecutionProvider"])
-    else:
-        sess = ort.InferenceSession(
-            ir.to_proto(ir_model).SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
-        )
-    from onnxq.calibrate import KEEP_BYTES
-
-    names = [o.name for o in sess.get_outputs()]
-    inputs, outputs, kept = [], [], 0
-    for sample in samples:
-        if kept >= KEEP_BYTES:  # a decoder's logits are ~100 MB a sample: keep a few only
-            break
-        inputs.append(sample)
-        outputs.append(dict(zip(names, sess.run(names, sample), strict=True)))
-        kept += sum(v.nbytes for v in outputs[-1].values())
-    del sess
-    return inputs, outputs
+    return _fp32_references(ir_model, list(itertools.islice(samples, FIDELITY_SAMPLES)))
 
 
 __all__ = ["is_weight_only", "quantize_weight_only", "required_opset"]
