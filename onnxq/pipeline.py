@@ -406,6 +406,8 @@ def _spill_for(model: ir.Model, output: Path | None) -> Iterator[SpillFile | Non
     if output is None or weights <= SPILL_ABOVE_BYTES:
         yield None
         return
+    if not os.access(output.parent, os.W_OK):
+        raise OutputError(f"output folder {output.parent} is not writable; choose another output path")
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.spill-", dir=output.parent) as folder:
         spill = SpillFile(Path(folder))
         try:

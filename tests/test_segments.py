@@ -213,3 +213,24 @@ def test_weight_dequantization_is_copied_into_its_readers_segment(model_path, ca
     for index, feed in enumerate(feeds):
         for name, want in zip(names, whole.run(names, feed), strict=True):
             np.testing.assert_allclose(got[index][name], want, rtol=1e-3, atol=1e-3, err_msg=name)
+
+
+def test_unwritable_output_folder_is_refused_before_spilling(model_path, calib_feeds, tmp_path, monkeypatch):
+    """Where new weights would spill beside the output, an unwritable folder is an OutputError that
+    names it (checked through os.access: this suite may run as root, which ignores permissions)."""
+    import os
+
+    import onnxq
+    from onnxq import pipeline
+    from onnxq.errors import OutputError
+
+    monkeypatch.setattr(pipeline, "SPILL_ABOVE_BYTES", 0)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode)
+    )
+    with pytest.raises(OutputError, match="is not writable; choose another output path"):
+        onnxq.quantize(
+            model_path("tiny-bert"), calib_feeds("tiny-bert", 2), output=tmp_path / "q.onnx", progress=False
+        )
+    assert list(tmp_path.iterdir()) == []
