@@ -10,10 +10,12 @@ kept per sample in an :class:`ActivationStore`, in memory up to its budget and i
 temporary file past it, so memory does not grow with the number of samples either; a value is
 dropped as soon as the last segment that reads it has run.
 
-Guarantees: every node runs exactly once per sample, with the same inputs as in the whole graph,
-so the outputs are the whole graph's; a graph small enough for one segment runs as one session.
-Values read inside subgraphs (If/Loop/Scan bodies) from the outer scope count as inputs of the node
-that owns the subgraph.
+Guarantees: every node runs with the same inputs as in the whole graph, so the outputs are the
+whole graph's (up to kernels ONNX Runtime fuses differently at a cut); a node reading activations
+runs once per sample, while DequantizeLinear nodes and nodes computing from initializers alone run
+in each segment that reads them, so no weight-sized value ever crosses a cut. A graph small enough
+for one segment runs as one session. Values read inside subgraphs (If/Loop/Scan bodies) from the
+outer scope count as inputs of the node that owns the subgraph.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ STORE_BYTES = 32 * 2**20
 
 @dataclass(frozen=True)
 class Segment:
-    """Indices of a contiguous run of the graph's nodes, what it reads from earlier segments or the
-    graph's inputs, and what it must hand on (to later segments or as graph outputs)."""
+    """Indices of the graph's nodes in one segment (in graph order), what it reads from earlier
+    segments or the graph's inputs, and what it must hand on (to later segments or as graph
+    outputs)."""
 
     nodes: tuple[int, ...]
     inputs: tuple[str, ...]
@@ -133,7 +136,9 @@ def split(
         if any(out in const_producer for out in node.output if out):
             continue
         needs = closure(i) | {i}
-        if node.name.startswith(sidecar_prefix):
+        if node.name.startswith(sidecar_prefix) and any(n in const_producer for n in reads[i]):
+            seg = current  # reads a copied value: where everything it may depend on is available
+        elif node.name.startswith(sidecar_prefix):
             seg = max((produced_in[n] for n in reads[i] if n in produced_in), default=0)
         else:
             new = weights_of(needs) - seen
