@@ -457,7 +457,8 @@ def calibrate(
 
     steps = None if total is None else total * runner.count
     desc = "calibrating" if runner.count == 1 else f"calibrating ({runner.count} segments)"
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    unit = "sample" if runner.count == 1 else "step"  # a step: one sample through one segment
+    bar = tqdm(total=steps, desc=desc, unit=unit, disable=not progress, leave=False)
     try:
         for index, named in runner.run(counted(samples)):
             bar.update(1)

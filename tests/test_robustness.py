@@ -229,3 +229,65 @@ def test_opset_newer_than_the_runtime_is_refused_with_the_fix(monkeypatch, tmp_p
     with pytest.raises(onnxq.QuantizationError, match=r"newer than onnxruntime .* upgrade onnxruntime"):
         onnxq.quantize(_conv_mlp(21), feeds, output=tmp_path / "q.onnx", progress=False)
     assert not (tmp_path / "q.onnx").exists()
+
+
+# --- subgraphs ------------------------------------------------------------------------------------
+
+
+def _if_model(path: Path) -> list[dict[str, np.ndarray]]:
+    """``y = If(flag, then: x @ W1, else: x @ W2)`` with both weights in the outer graph."""
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model, tensor_info
+
+    rng = np.random.default_rng(0)
+    weights = {f"W{i}": rng.normal(size=(64, 64)).astype(np.float32) for i in (1, 2)}
+    branches = {
+        key: helper.make_graph(
+            [helper.make_node("MatMul", ["x", w], [out], name=f"{key}_mm")],
+            key,
+            [],
+            [tensor_info(out, shape=[4, 64])],
+        )
+        for key, w, out in (("then_branch", "W1", "t"), ("else_branch", "W2", "e"))
+    }
+    model = make_model(
+        [helper.make_node("If", ["flag"], ["y"], name="branch", **branches)],
+        [tensor_info("x", shape=[4, 64]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=[4, 64])],
+        weights,
+    )
+    onnx.save(model, path)
+    return [
+        {"x": rng.normal(size=(4, 64)).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        onnxq.QuantConfig(),
+        onnxq.QuantConfig(calibration=onnxq.Dynamic()),
+        onnxq.QuantConfig.weight_only("int4", 32),
+        onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.GPTQ()),
+        onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.AWQ()),
+    ],
+    ids=["static", "dynamic", "rtn", "gptq", "awq"],
+)
+def test_weights_read_inside_subgraphs_stay_float_and_are_reported(config, tmp_path) -> None:
+    """MatMuls inside If branches are carried through unquantized (their outputs equal fp32's), and
+    weight-only configs list the outer weights they read as left float, with the reason."""
+    import onnxruntime as ort
+
+    feeds = _if_model(tmp_path / "if.onnx")
+    result = onnxq.quantize(
+        tmp_path / "if.onnx", feeds, config=config, output=tmp_path / "q.onnx", progress=False
+    )
+    fp32 = ort.InferenceSession(str(tmp_path / "if.onnx"), providers=["CPUExecutionProvider"])
+    quant = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        np.testing.assert_allclose(quant.run(None, feed)[0], fp32.run(None, feed)[0], rtol=1e-5, atol=1e-5)
+    if config.activations is None:  # weight-only
+        reasons = {n.name: n.reason for n in result.summary.float_nodes}
+        assert set(reasons) == {"W1", "W2"}
+        assert all("inside a subgraph" in r for r in reasons.values())

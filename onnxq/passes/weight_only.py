@@ -59,13 +59,18 @@ class Uses:
     gather: list[ir.Node] = field(default_factory=list)  # Gather input 0, axis 0
     transposed: list[tuple[ir.Node, list[ir.Node]]] = field(default_factory=list)  # Transpose → MatMuls
     other: str = ""
+    in_subgraph: list[ir.Node] = field(default_factory=list)  # MatMul/Gemm/Gather inside a subgraph
 
 
 def _uses(value: ir.Value) -> Uses:
     uses = Uses()
     for node, index in value.uses():
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        if op == "MatMul" and index == 1:
+        if node.graph is not value.graph:
+            uses.other = f"read by {op} inside a subgraph (If/Loop/Scan body), which is left float"
+            if op in ("MatMul", "Gemm", "Gather"):
+                uses.in_subgraph.append(node)
+        elif op == "MatMul" and index == 1:
             uses.matmul.append(node)
         elif op == "Gemm" and index == 1:
             uses.gemm.append(node)
@@ -194,6 +199,8 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 continue
             uses = _uses(value)
             readers = [*uses.matmul, *uses.gemm, *uses.gather, *(m for _, ms in uses.transposed for m in ms)]
+            if not readers and uses.in_subgraph:
+                self.skipped[name] = uses.other
             if not readers:
                 continue
             reason = uses.other or (f"{len(const.shape)}-D weight" if len(const.shape) != 2 else "")
