@@ -11,7 +11,8 @@ the opset upgrade and before :class:`~onnxq.passes.weight_only.WeightOnlyQuantiz
 
 1. **Targets.** Every 2-D float initializer that the weight-only pass would quantize as a MatMul or
    Gemm weight (MatMul input 1, directly or through ``Transpose``; Gemm input 1 without ``transA``),
-   not excluded by the config and not also read as a Gather table (a table keeps RTN). Its
+   not excluded by the config and not also read as a Gather table (a table keeps RTN), nor read
+   inside an If/Loop/Scan body (its activations cannot be fetched; it keeps RTN). Its
    activations are input 0 of its readers (``X``, viewed as rows ``[-1, K]``).
 2. **Statistics, one streaming pass.** The activations become extra outputs of an ORT session on
    the fp32 model (:class:`onnxq.calibrate._Augment`, weights not copied); each sample's tensors
@@ -187,6 +188,8 @@ def find_targets(model: ir.Model, exclude: Callable[[ir.Node], str] | None = Non
         if any(g.attributes.get_int("transA", 0) for g in uses.gemm):
             continue
         nodes = readers or via_t
+        if any(n.graph is not model.graph for n in nodes):
+            continue  # read inside an If/Loop/Scan body: its activations cannot be fetched, RTN
         acts = list(dict.fromkeys(n.inputs[0].name for n in nodes if n.inputs[0] is not None))
         if len(acts) != len({id(n.inputs[0]) for n in nodes}) or not all(acts):
             continue

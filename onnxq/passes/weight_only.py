@@ -59,16 +59,17 @@ class Uses:
     gather: list[ir.Node] = field(default_factory=list)  # Gather input 0, axis 0
     transposed: list[tuple[ir.Node, list[ir.Node]]] = field(default_factory=list)  # Transpose → MatMuls
     other: str = ""
-    in_subgraph: list[ir.Node] = field(default_factory=list)  # MatMul/Gemm/Gather inside a subgraph
+    in_subgraph: list[ir.Node] = field(default_factory=list)  # Gather tables inside a subgraph (kept float)
 
 
 def _uses(value: ir.Value) -> Uses:
     uses = Uses()
     for node, index in value.uses():
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        if node.graph is not value.graph:
+        inside = node.graph is not value.graph
+        if inside and not ((op == "MatMul" and index == 1) or (op == "Gemm" and index == 1)):
             uses.other = f"read by {op} inside a subgraph (If/Loop/Scan body), which is left float"
-            if op in ("MatMul", "Gemm", "Gather"):
+            if op == "Gather":
                 uses.in_subgraph.append(node)
         elif op == "MatMul" and index == 1:
             uses.matmul.append(node)
@@ -307,34 +308,34 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
             q, scale, zp = hook or quantize_blocks(w, wtype, axis, block, wtype.signed or wtype.is_float)
             self._cache = (key, block, q, scale, zp, {})
         _, block, q, scale, zp, made = self._cache
-        if self.nbits and self._try_nbits(graph, value, node, axis, block, q, scale, zp, wtype, dtype, made):
+        home = node.graph if node.graph is not None else graph  # a reader inside an If/Loop/Scan body
+        if (
+            self.nbits
+            and home is graph
+            and self._try_nbits(graph, value, node, axis, block, q, scale, zp, wtype, dtype, made)
+        ):
             return
-        if "dq" not in made:
-            b = _Builder(graph, self.namer, _first_use(graph, [node]))
-            q_v = _typed(graph, self.namer, f"{value.name}_q", q, wtype)
-            if block is None:  # per channel: per-axis DQ over the output channel
-                ch = 1 - axis
-                s_v = self._scale(graph, f"{value.name}_scale", scale.reshape(-1), dtype)
-                z_v = (
-                    None
-                    if zp is None
-                    else _typed(graph, self.namer, f"{value.name}_zp", zp.reshape(-1), wtype)
+        # The integer weight, scale and zero point are initializers of the graph that reads them:
+        # ONNX Runtime's DequantizeLinear → MatMulNBits fusion does not find outer-scope ones, so
+        # a weight read inside If/Loop/Scan bodies gets a copy per body.
+        key = ("dq", id(home))
+        if key not in made:
+            per_channel = block is None
+            q_v = _typed(home, self.namer, f"{value.name}_q", q, wtype)
+            s_v = self._scale(home, f"{value.name}_scale", scale.reshape(-1) if per_channel else scale, dtype)
+            z_v = None
+            if zp is not None:
+                z_v = _typed(
+                    home, self.namer, f"{value.name}_zp", zp.reshape(-1) if per_channel else zp, wtype
                 )
-                made["dq"] = b.op(
-                    "DequantizeLinear", [q_v, s_v, z_v] if z_v else [q_v, s_v], value.name, axis=ch
-                )
+            inputs = [q_v, s_v, z_v] if z_v else [q_v, s_v]
+            b = _Builder(home, self.namer, _first_use(home, [node]))
+            if per_channel:  # per-axis DQ over the output channel
+                made[key] = b.op("DequantizeLinear", inputs, value.name, axis=1 - axis)
             else:
-                s_v = self._scale(graph, f"{value.name}_scale", scale, dtype)
-                z_v = None if zp is None else _typed(graph, self.namer, f"{value.name}_zp", zp, wtype)
-                made["dq"] = b.op(
-                    "DequantizeLinear",
-                    [q_v, s_v, z_v] if z_v else [q_v, s_v],
-                    value.name,
-                    axis=axis,
-                    block_size=block,
-                )
-            made["dq"].shape, made["dq"].dtype = ir.Shape(q.shape), dtype
-        node.replace_input_with(1, made["dq"])
+                made[key] = b.op("DequantizeLinear", inputs, value.name, axis=axis, block_size=block)
+            made[key].shape, made[key].dtype = ir.Shape(q.shape), dtype
+        node.replace_input_with(1, made[key])
 
     def _try_nbits(
         self, graph, value, node, axis, block, q, scale, zp, wtype: WeightType, dtype, made
