@@ -174,11 +174,11 @@ def release_freed_memory() -> None:
 def session_options(
     *, threads: int | None = None, calibration: bool = False, spinning: bool = False
 ) -> ort.SessionOptions:
-    """Session options for onnxq's own ORT runs: quiet, no spinning threads, and with ``calibration``
-    no memory arena and no weight pre-packing (which would copy every weight), for runs of a whole
-    big model. :func:`calibrate` itself keeps both: its sessions hold one segment's weights at most
-    (:mod:`onnxq.segments`), and the arena saves a page fault per activation. ``spinning`` lets
-    ORT's threads spin between kernels (about 8 % faster back-to-back runs) for sessions that live
+    """Session options for onnxq's own ORT runs: quiet, threads that sleep between kernels unless
+    ``spinning``, and with ``calibration`` no memory arena and no weight pre-packing (which would
+    copy every weight), for runs of a whole big model. :func:`calibrate` itself keeps both: its
+    sessions hold one segment's weights at most (:mod:`onnxq.segments`), and the arena saves a page
+    fault per activation. ``spinning`` (about 8 % faster back-to-back runs) suits sessions that live
     only while onnxq runs them."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
