@@ -130,7 +130,7 @@ class DynamicPlanner(Planner):
 
     def plan(self, model: ir.Model) -> QuantPlan:
         plan = QuantPlan()
-        for node in model.graph:
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):  # If/Loop/Scan bodies too
             name, op = node.name or "", node.op_type
             if node.domain not in ("", "ai.onnx"):
                 plan.nodes[name] = NodePlan(name, op, False, f"custom-domain op ({node.domain})")
@@ -264,13 +264,15 @@ class DynamicQuantize(ir.passes.InPlacePass):
         self.share = share_quantization
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        namer = Namer(graph)
+        namer = Namer(model.graph)
         weights = {node: t for t in self.plan.weights.values() for node, _ in t.consumers}
-        stored: dict[tuple[str, bool, float], tuple[ir.Value, ir.Value, ir.Value | None]] = {}
-        shared: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        # Per graph: a node inside an If/Loop/Scan body gets its integer weight and its quantized
+        # input in that body (ORT's fusions do not resolve outer-scope initializers).
+        stored: dict[tuple[int, str, bool, float], tuple[ir.Value, ir.Value, ir.Value | None]] = {}
+        shared: dict[tuple[int, str], tuple[ir.Value, ir.Value, ir.Value]] = {}
         modified = False
-        for node in list(graph):
+        nodes = [(g, n) for g in model.graphs() for n in list(g)]
+        for graph, node in nodes:
             decision = self.plan.nodes.get(node.name or "")
             if decision is None or not decision.quantized or node.name not in weights:
                 continue
@@ -282,14 +284,19 @@ class DynamicQuantize(ir.passes.InPlacePass):
             x, w = node.inputs[0], node.inputs[1]
             trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
             alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
-            wkey = (f"{w.name}|{wplan.axis}|{wplan.spec.dtype}|{wplan.spec.symmetric}", trans_b, alpha)
+            wkey = (
+                id(graph),
+                f"{w.name}|{wplan.axis}|{wplan.spec.dtype}|{wplan.spec.symmetric}",
+                trans_b,
+                alpha,
+            )
             if wkey not in stored:
                 stored[wkey] = self._store_weight(graph, namer, w, wplan, trans_b, alpha)
             w_q, w_scale, w_zp = stored[wkey]
             bias = self._bias(graph, namer, node)
             new: list[ir.Node] = []
-            if self.share and x.name in shared:
-                xq = shared[x.name]
+            if self.share and (id(graph), x.name) in shared:
+                xq = shared[id(graph), x.name]
             else:
                 dql = ir.node(
                     "DynamicQuantizeLinear", [x], name=namer(f"{x.name}_DynamicQuantizeLinear"), num_outputs=3
@@ -304,7 +311,7 @@ class DynamicQuantize(ir.passes.InPlacePass):
                     new.append(dqx)
                     xq = (*xq[:3], dqx.outputs[0])
                 if self.share:
-                    shared[x.name] = xq
+                    shared[id(graph), x.name] = xq
             base = node.name or "MatMul"
             if self.form == INTEGER:
                 mmi_inputs = [xq[0], w_q, xq[2]] + ([w_zp] if w_zp is not None else [])
@@ -335,15 +342,16 @@ class DynamicQuantize(ir.passes.InPlacePass):
             )
             modified = True
         for value in {w for n in self.plan.weights.values() for w in [n.name]}:
-            init = graph.initializers.get(value)
-            if init is not None and not init.uses() and not init.is_graph_output():
-                graph.initializers.pop(value)
+            for graph in model.graphs():
+                init = graph.initializers.get(value)
+                if init is not None and not init.uses() and not init.is_graph_output():
+                    graph.initializers.pop(value)
         return ir.passes.PassResult(model, modified)
 
     def _gather(self, graph: ir.Graph, namer: Namer, node: ir.Node, wplan: TensorPlan, stored: dict) -> None:
         """``Gather(table, ids)`` → ``DequantizeLinear(Gather(table_q, ids))``."""
         table = node.inputs[0]
-        key = (f"{table.name}|None|{wplan.spec.dtype}|{wplan.spec.symmetric}", False, 1.0)
+        key = (id(graph), f"{table.name}|None|{wplan.spec.dtype}|{wplan.spec.symmetric}", False, 1.0)
         if key not in stored:
             stored[key] = self._store_weight(graph, namer, table, wplan, False, 1.0, zero_point=True)
         q, scale, zp = stored[key]
