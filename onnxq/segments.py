@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxq.errors import OutputError
+
 log = logging.getLogger(__name__)
 
 # Weights per segment. Large enough that a transformer layer or a CNN stage fits whole, small
@@ -243,12 +245,18 @@ class ActivationStore:
             self.memory[sample, name] = array
             self.held += array.nbytes
             return
-        if self.file is None:
-            self.file = tempfile.TemporaryFile(prefix="onnxq-calibration-")  # noqa: SIM115 - close()
-        f = self.file
-        f.seek(0, 2)  # type: ignore[attr-defined]
-        offset = f.tell()  # type: ignore[attr-defined]
-        f.write(np.ascontiguousarray(array).data)  # type: ignore[attr-defined]
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(prefix="onnxq-calibration-")  # noqa: SIM115 - close()
+            f = self.file
+            f.seek(0, 2)  # type: ignore[attr-defined]
+            offset = f.tell()  # type: ignore[attr-defined]
+            f.write(np.ascontiguousarray(array).data)  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise OutputError(
+                f"cannot spill calibration activations to a temporary file in {tempfile.gettempdir()}: "
+                f"{exc.strerror or exc}; free space there or point TMPDIR at a larger disk"
+            ) from None
         self.spilled[sample, name] = (offset, array.dtype, array.shape)
 
     def get(self, sample: int, name: str) -> np.ndarray:

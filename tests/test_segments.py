@@ -234,3 +234,19 @@ def test_unwritable_output_folder_is_refused_before_spilling(model_path, calib_f
             model_path("tiny-bert"), calib_feeds("tiny-bert", 2), output=tmp_path / "q.onnx", progress=False
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_temporary_disk_is_an_output_error(monkeypatch):
+    """Spilling cut activations to a full disk names the folder and the fix, not an OSError."""
+    import errno
+
+    from onnxq.errors import OutputError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments.tempfile, "TemporaryFile", full)
+    store = segments.ActivationStore(budget=0)
+    with pytest.raises(OutputError, match="No space left on device; free space there or point TMPDIR"):
+        store.put(0, "x", np.ones(8, np.float32))
+    store.close()
