@@ -15,7 +15,7 @@ import contextlib
 import ctypes
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,8 +178,8 @@ def session_options(
     ``spinning``, and with ``calibration`` no memory arena and no weight pre-packing (which would
     copy every weight), for runs of a whole big model. :func:`calibrate` itself keeps both: its
     sessions hold one segment's weights at most (:mod:`onnxq.segments`), and the arena saves a page
-    fault per activation. ``spinning`` (about 8 % faster back-to-back runs) suits sessions that live
-    only while onnxq runs them."""
+    fault per activation. ``spinning`` (faster back-to-back runs, busy threads between them) suits
+    sessions that live only while onnxq runs them."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -215,6 +215,30 @@ def proto_for_ort(model: ir.Model) -> tuple[onnx.ModelProto, Path | None]:
     if len(folders) > 1:
         raise CalibrationDataError("weights in several folders are not supported")
     return proto, (folders.pop() if folders else None)
+
+
+def segment_opener(
+    folder: Path | None, *, refuse_as_calibration: bool = False
+) -> Callable[[bytes, bool], ort.InferenceSession]:
+    """``open_session(model_bytes, prepack)`` for :class:`onnxq.segments.SegmentRunner`: an ORT CPU
+    session with spinning threads, external weights resolved against ``folder``, weight pre-packing
+    only when ``prepack``. With ``refuse_as_calibration``, a model ORT cannot load is a
+    :class:`CalibrationDataError`."""
+
+    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
+        so = session_options(spinning=True)
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        if folder is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        try:
+            return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            if not refuse_as_calibration:
+                raise
+            raise CalibrationDataError(f"ONNX Runtime cannot run the model for calibration: {exc}") from None
+
+    return open_session
 
 
 def make_session(model: ir.Model, so: ort.SessionOptions) -> ort.InferenceSession:
@@ -416,18 +440,7 @@ def calibrate(
         proto, folder = proto_for_ort(model)
     channel_names = augment.channel_names
 
-    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
-        so = session_options(spinning=True)
-        if not prepack:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        if folder is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        try:
-            return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise CalibrationDataError(f"ONNX Runtime cannot run the model for calibration: {exc}") from None
-
-    runner = SegmentRunner(proto, open_session, segment_bytes)
+    runner = SegmentRunner(proto, segment_opener(folder, refuse_as_calibration=True), segment_bytes)
     del proto
     result = CalibrationResult({}, 0, {name: ChannelStats() for name in channel_names})
     result.means = {name: ChannelMean() for name in augment.mean_names}

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
     LiftConstantsToInitializersPass,
@@ -30,7 +29,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxq import metrics, model_io
-from onnxq.calibrate import CalibrationResult, calibrate, proto_for_ort, session_options
+from onnxq.calibrate import CalibrationResult, calibrate, proto_for_ort, segment_opener
 from onnxq.config import Dynamic, QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
 from onnxq.errors import (
@@ -273,15 +272,7 @@ def measure_fidelity(
     else:
         proto, folder = proto_for_ort(model)
 
-    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
-        so = session_options(spinning=True)
-        if not prepack:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        if folder is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-    runner = SegmentRunner(proto, open_session)
+    runner = SegmentRunner(proto, segment_opener(folder))
     del proto
     errors: dict[str, metrics.RunningError] = {}
     for index, outputs in runner.run(inputs):

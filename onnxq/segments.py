@@ -132,7 +132,6 @@ def split(
 
     produced_in: dict[str, int] = {}
     members: list[set[int]] = [set()]
-    assignment: dict[int, int] = {}
     current, seen = 0, set()
     for i, node in enumerate(nodes):
         if any(out in const_producer for out in node.output if out):
@@ -151,7 +150,6 @@ def split(
             seg = current
             seen |= new
         members[seg] |= needs
-        assignment[i] = seg
         for out in node.output:
             if out:
                 produced_in[out] = seg
@@ -308,7 +306,6 @@ class SegmentRunner:
         self.open_session = open_session
         self.store_bytes = STORE_BYTES if store_bytes is None else store_bytes
         graph = model.graph
-        self.graph_inputs = [i.name for i in graph.input]
         self.graph_outputs = {o.name for o in graph.output}
         self.budget = SEGMENT_BYTES if budget is None else budget
         segments = split(graph, self.budget)
@@ -338,9 +335,7 @@ class SegmentRunner:
             for k, segment in enumerate(self.segments):
                 if k and not count:
                     break  # no samples
-                types = self.types
-                if k and count:  # inputs the graph gives no type: the type of what the store holds
-                    types = {**types, **_stored_types(store, segment, types)}
+                types = segment_types(self.types, store, segment, count)
                 fetch = list(segment.outputs)
                 session = (
                     self.open_session(
@@ -373,15 +368,18 @@ class SegmentRunner:
             store.close()
 
 
-def _stored_types(
-    store: ActivationStore, segment: Segment, types: dict[str, onnx.ValueInfoProto]
+def segment_types(
+    types: dict[str, onnx.ValueInfoProto], store: ActivationStore, segment: Segment, samples: int
 ) -> dict[str, onnx.ValueInfoProto]:
-    """Typed inputs (element type, rank-free shape) for ``segment``'s inputs without a declared type,
-    from the arrays sample 0 stored for them."""
-    out = {}
-    for name in segment.inputs:
+    """``types`` plus, for ``segment``'s inputs the graph leaves untyped, an element type and a
+    rank-free shape taken from the arrays sample 0 stored for them (once ``samples`` have run)."""
+    untyped = [n for n in segment.inputs if not types.get(n, onnx.ValueInfoProto()).HasField("type")]
+    if not samples or not untyped:
+        return types
+    out = dict(types)
+    for name in untyped:
         stored = store.get(0, name)
-        if not types.get(name, onnx.ValueInfoProto()).HasField("type") and isinstance(stored, np.ndarray):
+        if isinstance(stored, np.ndarray):
             dtype = onnx.helper.np_dtype_to_tensor_dtype(stored.dtype)
             out[name] = onnx.helper.make_tensor_value_info(name, dtype, None)
     return out

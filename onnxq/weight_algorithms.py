@@ -505,18 +505,20 @@ def sequential_gptq(
     it. Memory: one segment's weights twice, its targets' Hessians, and the cut activations of all
     samples (spilled to disk past :data:`onnxq.segments.STORE_BYTES`). Returns the hook and the
     number of samples."""
-    import onnxruntime as ort
     from onnx import numpy_helper
 
-    from onnxq.calibrate import _Augment, proto_for_ort, release_freed_memory, session_options
+    from onnxq.calibrate import _Augment, proto_for_ort, release_freed_memory, segment_opener
+    from onnxq.passes._util import release
     from onnxq.segments import (
         ActivationStore,
         SampleFailed,
         _run,
         node_reads,
         segment_model,
+        segment_types,
         split,
         tensor_bytes,
+        value_types,
     )
 
     wtype = WEIGHT_TYPES[spec.dtype]
@@ -525,6 +527,7 @@ def sequential_gptq(
     with _Augment(model, [], raw=acts):
         proto, folder = proto_for_ort(model)
     sizes = {t.name: tensor_bytes(t) for t in proto.graph.initializer}
+    types = value_types(proto)
     total = sum(sizes.values())
     largest = max((sizes.get(n, 0) for n in targets), default=0)
     segments = split(proto.graph, max(total // 32, largest, 1))
@@ -541,11 +544,7 @@ def sequential_gptq(
     stats: dict[str, ActivationStats] = {}
     results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]] = {}
 
-    def open_session(data: bytes) -> ort.InferenceSession:
-        so = session_options(spinning=True)
-        if folder is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    open_session = segment_opener(folder)
 
     def fold(name: str, x: np.ndarray) -> None:
         if x.size and np.issubdtype(x.dtype, np.floating):
@@ -562,7 +561,7 @@ def sequential_gptq(
             w = t.value.const_value.numpy()
             wk = np.asarray(w.T if t.transposed else w, np.float32)
             del w
-            release_weight(t.value)
+            release(t.value)
             hs = [stats[a] for a in key if a in stats and stats[a].hessian is not None]
             if not hs or hs[0].hessian.shape != (wk.shape[0], wk.shape[0]):  # type: ignore[union-attr]
                 continue  # never reached by the samples, or not a [K, N] read: RTN in the pass
@@ -592,9 +591,9 @@ def sequential_gptq(
     )
     try:
         for k, seg in enumerate(segments):
-            part = segment_model(proto, seg, _typed(proto, seg, store, count))
+            part = segment_model(proto, seg, segment_types(types, store, seg, count))
             stat_fetch = [a for a in seg.outputs if a in acts]
-            fp32 = open_session(part.SerializeToString()) if stat_fetch else None
+            fp32 = open_session(part.SerializeToString(), True) if stat_fetch else None
             feeds: Iterable[tuple[int, dict[str, np.ndarray]]]
             if k == 0:
                 feeds = enumerate(samples)
@@ -624,7 +623,7 @@ def sequential_gptq(
                     if init.name in dequantized:
                         init.CopyFrom(numpy_helper.from_array(dequantized[init.name], init.name))
                 del dequantized
-                quantized = open_session(part.SerializeToString())
+                quantized = open_session(part.SerializeToString(), True)
                 del part
                 feeds = (
                     cached
@@ -647,22 +646,6 @@ def sequential_gptq(
     if count == 0:
         raise CalibrationDataError("the calibration data holds no samples")
     return SequentialGPTQ(results), count
-
-
-def release_weight(value: ir.Value) -> None:
-    """Unmap a file-backed weight once read."""
-    from onnxq.passes._util import release
-
-    release(value)
-
-
-def _typed(proto, seg, store, count: int) -> dict:
-    """Value types for ``seg``'s model: the graph's, and for cut values it leaves untyped the type
-    of the arrays the first sample stored."""
-    from onnxq.segments import _stored_types, value_types
-
-    types = value_types(proto)
-    return {**types, **_stored_types(store, seg, types)} if count else types
 
 
 # ------------------------------------------------------------------------------------------------
@@ -914,23 +897,16 @@ def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
 
 def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
     """The fp32 model's outputs on ``inputs`` (run segment by segment), for the fidelity check."""
-    import onnxruntime as ort
 
-    from onnxq.calibrate import KEEP_BYTES, proto_for_ort, session_options
+    from onnxq.calibrate import KEEP_BYTES, proto_for_ort, segment_opener
     from onnxq.segments import SegmentRunner
 
     if not inputs:
         return [], []
     proto, folder = proto_for_ort(model)
 
-    def open_session(data: bytes, prepack: bool) -> ort.InferenceSession:
-        so = session_options(spinning=True)
-        if folder is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
     outputs: dict[int, dict[str, np.ndarray]] = {}
-    for index, named in SegmentRunner(proto, open_session).run(inputs):
+    for index, named in SegmentRunner(proto, segment_opener(folder)).run(inputs):
         outputs.setdefault(index, {}).update(named)
     kept, total = [], 0
     for i in sorted(outputs):

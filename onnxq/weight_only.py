@@ -126,7 +126,7 @@ def quantize_weight_only(
 
         _, samples = peek_samples(calib_data, model_inputs(ir_model), pipeline.FIDELITY_SAMPLES)
     if algorithm is None:
-        references = _fp32_outputs(model, ir_model, samples) if samples is not None else ([], [])
+        references = _fp32_outputs(ir_model, samples) if samples is not None else ([], [])
     wo = WeightOnlyQuantize(config.weights, config.weight_format, excluder(config))
     spill_dir = None
     if output is not None:  # quantized weights wait for the save in a file, not in memory
@@ -200,7 +200,7 @@ def describe(config: QuantConfig) -> str:
     return f"{w.dtype} {type(gran).__name__}{getattr(gran, 'size', '')}, {config.weight_format}, {how}"
 
 
-def _fp32_outputs(model: Any, ir_model: ir.Model, samples) -> tuple[list, list]:
+def _fp32_outputs(ir_model: ir.Model, samples) -> tuple[list, list]:
     """The first samples and the float model's outputs on them (for the fidelity check), run
     segment by segment like calibration (:mod:`onnxq.segments`), so a big model is never loaded
     whole; decoder logits (~100 MB a sample) keep the number of samples kept small."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -86,3 +86,23 @@ def weight_source(model: onnx.ModelProto, node: onnx.NodeProto, index: int = 1):
     if prod is None or prod.op_type != "DequantizeLinear" or prod.input[0] not in inits:
         return None
     return prod, inits[prod.input[0]]
+
+
+def matmul_model(w: np.ndarray, opset: int = 18) -> onnx.ModelProto:
+    """``y = x @ w`` with ``x`` of symbolic batch and ``w`` an initializer."""
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def counted(items: Iterable, seen: list) -> Iterator:
+    """``items`` as a generator that appends to ``seen`` each time it hands one out."""
+    for item in items:
+        seen.append(1)
+        yield item

@@ -6,12 +6,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import onnxq
 from onnxq import AWQ, GPTQ, CalibrationDataError, ConfigError, QuantConfig
 from onnxq.lowbit import WEIGHT_TYPES, dequantize_blocks, quantize_blocks
 from onnxq.weight_algorithms import ActivationStats, gptq_quantize
+from tests.helpers import counted, matmul_model
 
 
 def _activations(rows: int = 512, k: int = 256, seed: int = 0) -> np.ndarray:
@@ -25,18 +26,6 @@ def _activations(rows: int = 512, k: int = 256, seed: int = 0) -> np.ndarray:
 
 def _weight(k: int = 256, n: int = 64, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) * 0.05
-
-
-def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
-    k, n = w.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
 
 
 def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], optimized=None) -> list[np.ndarray]:
@@ -84,7 +73,7 @@ def test_gptq_handles_dead_inputs_and_ragged_blocks() -> None:
 def test_matmul_model_error_below_rtn(algorithm) -> None:
     x, w = _activations(rows=64 * 8), _weight()
     feeds = [{"x": x[i : i + 64]} for i in range(0, len(x), 64)]
-    model = _matmul_model(w)
+    model = matmul_model(w)
     ref = _run(model, feeds)
     rtn = onnxq.quantize(model, config=QuantConfig.weight_only("int4", 64), progress=False)
     res = onnxq.quantize(
@@ -165,15 +154,9 @@ def test_sequential_gptq_corrects_for_the_layers_before(llama) -> None:
     GPTQ), later layers' come from the quantized layers before them (different integers), and the
     calibration data is still read once."""
     import onnx_ir as ir
-    from onnx import numpy_helper
 
     fp32, feeds = llama
-    seen = []
-
-    def gen():
-        for f in feeds:
-            seen.append(1)
-            yield f
+    seen: list = []
 
     def weights(algorithm, data) -> tuple[dict[str, np.ndarray], list[str]]:
         config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
@@ -181,7 +164,10 @@ def test_sequential_gptq_corrects_for_the_layers_before(llama) -> None:
         q = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_q")}
         return q, [i for node in model.graph.node for i in node.input if i in q]  # in graph order
 
-    (layered, order), (one_pass, _) = weights(GPTQ(), gen()), weights(GPTQ(sequential=False), feeds)
+    (layered, order), (one_pass, _) = (
+        weights(GPTQ(), counted(feeds, seen)),
+        weights(GPTQ(sequential=False), feeds),
+    )
     assert len(seen) == len(feeds)
     assert layered.keys() == one_pass.keys() and len(layered) == 15
     same = [n for n in order if np.array_equal(layered[n], one_pass[n])]
@@ -190,14 +176,10 @@ def test_sequential_gptq_corrects_for_the_layers_before(llama) -> None:
 
 def test_generator_data_is_read_once(llama) -> None:
     fp32, feeds = llama
-    seen = []
-
-    def gen():
-        for f in feeds:
-            seen.append(1)
-            yield f
-
-    result = onnxq.quantize(fp32, gen(), config=QuantConfig.weight_only("int4", 32, algorithm=AWQ()))
+    seen: list = []
+    result = onnxq.quantize(
+        fp32, counted(feeds, seen), config=QuantConfig.weight_only("int4", 32, algorithm=AWQ())
+    )
     assert len(seen) == len(feeds) == result.summary.calibration_samples
     assert result.summary.fidelity
 
@@ -252,6 +234,6 @@ def test_config_round_trip_and_errors() -> None:
 
 
 def test_missing_calibration_data_is_a_clear_error() -> None:
-    model = _matmul_model(_weight())
+    model = matmul_model(_weight())
     with pytest.raises(CalibrationDataError, match="GPTQ\\(\\) needs calibration data"):
         onnxq.quantize(model, config=QuantConfig.weight_only("int4", 64, algorithm=GPTQ()))

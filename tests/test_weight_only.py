@@ -16,21 +16,10 @@ import onnxq
 from onnxq import codebook as cb
 from onnxq.config import Codebook, PerBlock, QuantConfig, QuantSpec
 from onnxq.lowbit import WEIGHT_TYPES, dequantize_blocks, quantize_blocks
+from tests.helpers import matmul_model
 
 INT_TYPES = ["int8", "int4", "int2"]
 ALL_TYPES = ["int8", "uint8", "int4", "uint4", "int2", "uint2", "float8e4m3fn", "float4e2m1"]
-
-
-def _matmul_model(w: np.ndarray, opset: int = 18) -> onnx.ModelProto:
-    k, n = w.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 def _weight(k: int = 128, n: int = 48, seed: int = 0) -> np.ndarray:
@@ -204,7 +193,7 @@ def test_codebook_runs_on_cpu_and_matches_numpy(tmp_path) -> None:
     ):
         out = tmp_path / "cb.onnx"
         onnxq.quantize(
-            _matmul_model(w), config=QuantConfig.weight_only(codebook=spec), output=out, progress=False
+            matmul_model(w), config=QuantConfig.weight_only(codebook=spec), output=out, progress=False
         )
         decoded = cb.encode(w, spec, 0).decode(w.shape)
         y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -220,7 +209,7 @@ def test_fp4_runs_in_onnx_reference(tmp_path) -> None:
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
     out = tmp_path / "fp4.onnx"
     onnxq.quantize(
-        _matmul_model(w), config=QuantConfig.weight_only("float4e2m1", 32), output=out, progress=False
+        matmul_model(w), config=QuantConfig.weight_only("float4e2m1", 32), output=out, progress=False
     )
     model = onnx.load(str(out))
     assert model.opset_import[0].version >= 23

@@ -161,6 +161,34 @@ def _take_over(graph: ir.Graph, node: ir.Node, out: ir.Value, dtype: ir.DataType
         out.name = name
 
 
+def _matmul_nbits(
+    graph: ir.Graph,
+    namer: Namer,
+    node: ir.Node,
+    weight_inputs: list,
+    base: str,
+    k: int,
+    n: int,
+    bits: int,
+    block: int,
+    dtype: ir.DataType,
+) -> None:
+    """Replace MatMul ``node`` by ``com.microsoft::MatMulNBits`` over ``weight_inputs`` (packed
+    weight, scales, [zero points, [g_idx, bias]]), with ``accuracy_level=4`` as ORT's own fusion."""
+    out = _Builder(graph, namer, node).op(
+        "MatMulNBits",
+        [node.inputs[0], *weight_inputs],
+        base,
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=4,
+    )
+    _take_over(graph, node, out, dtype)
+
+
 def _first_use(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
     order = {id(n): i for i, n in enumerate(graph)}
     return min(nodes, key=lambda n: order[id(n)])
@@ -379,19 +407,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         ins = list(inputs)
         if bias is not None:
             ins += [None] * (4 - len(ins)) + [bias]
-        b = _Builder(graph, self.namer, node)
-        out = b.op(
-            "MatMulNBits",
-            [node.inputs[0], *ins],
-            node.name or value.name,
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=wtype.bits,
-            block_size=bsize,
-            accuracy_level=4,
-        )
-        _take_over(graph, node, out, dtype)
+        _matmul_nbits(graph, self.namer, node, ins, node.name or value.name, k, n, wtype.bits, bsize, dtype)
         return True
 
     # --- Gather tables (and a tied lm_head) ------------------------------------------------------
@@ -463,18 +479,9 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 zb = np.stack([pack(row, wtype.bits) for row in np.asarray(zp).view(np.uint8)])
                 ins.append(_const(graph, self.namer, f"{base}_zp", zb.reshape(-1)))
             for mm in matmuls:
-                out = _Builder(graph, self.namer, mm).op(
-                    "MatMulNBits",
-                    [mm.inputs[0], *ins],
-                    mm.name or base,
-                    domain="com.microsoft",
-                    K=cols,
-                    N=rows,
-                    bits=wtype.bits,
-                    block_size=bsize,
-                    accuracy_level=4,
+                _matmul_nbits(
+                    graph, self.namer, mm, ins, mm.name or base, cols, rows, wtype.bits, bsize, dtype
                 )
-                _take_over(graph, mm, out, dtype)
             return
         vals = b.op("Gather", [lut_v, b.op("Cast", [t_v], base, to=ir.DataType.INT32)], base, axis=0)
         if wtype.is_float:
