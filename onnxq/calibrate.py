@@ -15,7 +15,7 @@ import contextlib
 import ctypes
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from onnxq.data import Sample
 from onnxq.errors import CalibrationDataError
 from onnxq.qmath import int_type
 from onnxq.segments import SampleFailed, SegmentRunner
+from onnxq.subgraph_calibration import expose_ranges
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class CalibrationResult:
     means: dict[str, ChannelMean] = field(default_factory=dict)
     kept_inputs: list[Sample] = field(default_factory=list)
     kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # id of an If/Loop/Scan body graph → its values' MinMax ranges (onnxq.subgraph_calibration).
+    body_ranges: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -416,6 +419,7 @@ def calibrate(
     channels: Iterable[str] = (),
     means: Mapping[str, int] | None = None,
     segment_bytes: int | None = None,
+    bodies: Mapping[int, Sequence[str]] | None = None,
 ) -> CalibrationResult:
     """Run ``samples`` through the fp32 model and return the calibrated range of each of ``tensors``.
 
@@ -425,7 +429,9 @@ def calibrate(
     Memory does not grow with the number of samples. The first ``keep`` inputs and fp32 outputs (up to
     :data:`KEEP_BYTES`) are kept for the fidelity report. A model with more than ``segment_bytes``
     of weights (default :data:`onnxq.segments.SEGMENT_BYTES`) runs segment by segment
-    (:mod:`onnxq.segments`): one segment's weights in memory at a time.
+    (:mod:`onnxq.segments`): one segment's weights in memory at a time. ``bodies``: id of an
+    If/Loop/Scan body graph → values inside it whose MinMax range is wanted too
+    (``result.body_ranges``; :mod:`onnxq.subgraph_calibration`).
     """
     methods = {name: spec.calibration or method for name, spec in tensors.items()}
     minmax = {
@@ -438,6 +444,8 @@ def calibrate(
     augment = _Augment(model, list(tensors), hists, channels, means)
     with augment as reduce_names:
         proto, folder = proto_for_ort(model)
+    body_names = expose_ranges(model, proto, bodies or {})
+    body_minmax = {key: MinMaxObserver() for key in body_names}
     channel_names = augment.channel_names
 
     runner = SegmentRunner(proto, segment_opener(folder, refuse_as_calibration=True), segment_bytes)
@@ -481,6 +489,9 @@ def calibrate(
                     continue
                 extremes[tensor] = (float(named[lo]), float(named[hi]))
                 minmax[tensor].update(*extremes[tensor])
+            for key, (lo, hi) in body_names.items():
+                if lo in named and float(named[lo]) <= float(named[hi]):  # else not run: +inf/-inf
+                    body_minmax[key].update(float(named[lo]), float(named[hi]))
             for tensor, (lo, hi, sq, shape) in channel_names.items():
                 if lo in named and named[lo].size:
                     rows = int(np.prod(named[shape][:-1]))
@@ -509,4 +520,8 @@ def calibrate(
     result.ranges = {
         name: tensor_range(methods[name], tensors[name], minmax[name], hists.get(name)) for name in tensors
     }
+    for (body, name), observer in body_minmax.items():  # never computed: no range (kept float)
+        result.body_ranges.setdefault(body, {})[name] = (
+            observer.range() if observer.count else (np.nan, np.nan)
+        )
     return result

@@ -21,16 +21,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     LiftConstantsToInitializersPass,
     NameFixPass,
     RemoveUnusedNodesPass,
-    ShapeInferencePass,
 )
 
 from onnxq import metrics, model_io
 from onnxq.calibrate import CalibrationResult, calibrate, proto_for_ort, segment_opener
-from onnxq.config import Dynamic, QuantConfig
+from onnxq.config import Dynamic, MinMax, QuantConfig
 from onnxq.data import Sample, model_inputs, peek_samples
 from onnxq.errors import (
     CalibrationDataError,
@@ -45,14 +43,17 @@ from onnxq.passes._util import SpillFile
 from onnxq.passes.bias_correction import BiasStatistics, CorrectBias
 from onnxq.passes.cleanup import Cleanup
 from onnxq.passes.dynamic import DynamicPlanner, dynamic_passes, dynamic_references
+from onnxq.passes.eliminate_identity import EliminateIdentity
 from onnxq.passes.equalize import equalize_model
 from onnxq.passes.finite_mask import FiniteMaskSentinels
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
 from onnxq.passes.fuse_gelu import FuseGelu
+from onnxq.passes.infer_shapes import InferShapes
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
+from onnxq.passes.quantize_bodies import QuantizeBodies
 from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
 from onnxq.passes.static_shapes import FixInputShapes, RefreshShapes
 from onnxq.passes.upcast_half import UpcastHalf
@@ -87,8 +88,8 @@ def prepare_passes(
         LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
     ]
     if static_shapes is not None:  # each round folds the shape arithmetic the previous one exposed
-        again = [RefreshShapes(), ShapeInferencePass(), *fold[1:]]
-        fold = [static_shapes, ShapeInferencePass(), *fold, *again, *again]
+        again = [RefreshShapes(), InferShapes(), *fold[1:]]
+        fold = [static_shapes, InferShapes(), *fold, *again, *again]
     return ir.passes.PassManager(
         [
             upcast or UpcastHalf(),
@@ -97,10 +98,10 @@ def prepare_passes(
             *([finite_mask] if finite_mask is not None else []),
             *([fuse_gelu] if fuse_gelu is not None else []),
             FoldBatchNorm(),
-            IdentityEliminationPass(),
+            EliminateIdentity(),
             RemoveUnusedNodesPass(),
             NameFixPass(),
-            ShapeInferencePass(),
+            InferShapes(),
         ]
     )
 
@@ -111,10 +112,12 @@ def rewrite_passes(
     smoothing: SmoothActivations | None = None,
     rules: TargetRules = RULES["cpu"],
     bias_correction: CorrectBias | None = None,
+    body_ranges: dict[int, dict[str, tuple[float, float]]] | None = None,
 ) -> ir.passes.PassManager:
     """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth), as
     the target's ``rules`` say (int32 biases or not, pairs around data movement kept or not);
-    ``bias_correction`` corrects float biases between Q/DQ insertion and weight pre-quantization."""
+    ``bias_correction`` corrects float biases between Q/DQ insertion and weight pre-quantization.
+    The plan's If/Loop/Scan bodies are rewritten last, with ``body_ranges``."""
     passes: list[ir.passes.PassBase] = [smoothing] if smoothing is not None else []
     passes.append(InsertQDQ(plan, ranges))
     if bias_correction is not None:
@@ -124,6 +127,8 @@ def rewrite_passes(
         ops = ("Conv", "Gemm", "LayerNormalization") if rules.every_op else ("Conv", "Gemm")
         passes.append(QuantizeBias(ops))
     passes.append(Cleanup(drop_data_movement=rules.drop_data_movement_pairs))
+    if plan.bodies:
+        passes.append(QuantizeBodies(plan.bodies, body_ranges or {}, rules))
     return ir.passes.PassManager(passes)
 
 
@@ -371,6 +376,12 @@ def quantize(
         if config.fidelity
         else ()
     )
+    in_bodies = sum(n.quantized for b in plan.bodies for n in b.plan.nodes.values())
+    if in_bodies and not dynamic and not isinstance(config.calibration, MinMax):
+        notes.append(
+            f"{in_bodies} nodes inside If/Loop/Scan bodies read MinMax ranges: "
+            f"{type(config.calibration).__name__} needs whole activations, which a body cannot return"
+        )
     summary = QuantizationSummary(
         quantized_nodes=plan.quantized_counts(),
         float_nodes=tuple(FloatNode(n.name, n.op_type, n.reason) for n in plan.float_nodes()),
@@ -425,6 +436,7 @@ def _calibrated_rewrite(
         progress=progress,
         channels=candidates,
         means=bc_stats.tensors if bc_stats is not None else None,
+        bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
     )
     if bc_stats is not None:
         bc_stats.remove()
@@ -435,7 +447,9 @@ def _calibrated_rewrite(
     )
     smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
     correct = CorrectBias(bc, bc_stats.inputs, calibration.means) if bc_stats is not None else None
-    rewrite = rewrite_passes(plan, calibration.ranges, smoothing, RULES[config.target], correct)
+    rewrite = rewrite_passes(
+        plan, calibration.ranges, smoothing, RULES[config.target], correct, calibration.body_ranges
+    )
     return plan, calibration, scales, rewrite
 
 

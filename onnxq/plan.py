@@ -213,23 +213,35 @@ class NodePlan:
 @dataclass
 class QuantPlan:
     """Per-tensor and per-node decisions. Weights are keyed ``(tensor, node, input index)``-free:
-    a weight used with different axes by several nodes gets one entry per (tensor, axis, spec)."""
+    a weight used with different axes by several nodes gets one entry per (tensor, axis, spec).
+    ``bodies``: the plans of the If/Loop/Scan bodies (at any depth), each applied to its own graph."""
 
     activations: dict[str, TensorPlan] = field(default_factory=dict)
     weights: dict[str, TensorPlan] = field(default_factory=dict)
     nodes: dict[str, NodePlan] = field(default_factory=dict)
+    bodies: list[BodyPlan] = field(default_factory=list)
 
     def calibration_tensors(self) -> list[str]:
         """The activation tensors whose range calibration must measure."""
         return [n for n, t in self.activations.items() if t.kind == "activation"]
 
     def quantized_counts(self) -> dict[str, int]:
-        """Quantized nodes per op type."""
-        return dict(sorted(Counter(n.op_type for n in self.nodes.values() if n.quantized).items()))
+        """Quantized nodes per op type, bodies included."""
+        plans = [self, *(b.plan for b in self.bodies)]
+        counts = Counter(n.op_type for p in plans for n in p.nodes.values() if n.quantized)
+        return dict(sorted(counts.items()))
 
     def float_nodes(self) -> list[NodePlan]:
-        """Nodes left in float with a reason worth reporting (ops onnxq could quantize)."""
-        return [n for n in self.nodes.values() if not n.quantized and n.reason]
+        """Nodes left in float with a reason worth reporting (ops onnxq could quantize); a node inside
+        a body is named ``<owner node>/<attribute>/<node>``."""
+        found = [n for n in self.nodes.values() if not n.quantized and n.reason]
+        for body in self.bodies:
+            found += [
+                NodePlan(f"{body.label}/{n.name}", n.op_type, False, n.reason)
+                for n in body.plan.nodes.values()
+                if not n.quantized and n.reason
+            ]
+        return found
 
     def drop_activation(self, name: str, reason: str) -> None:
         """Keep tensor ``name`` (and what inherits from it) in float; the nodes reading it go float."""
@@ -249,6 +261,35 @@ class QuantPlan:
                     for other in self.activations.values():
                         other.consumers = [c for c in other.consumers if c[0] != node_name]
             todo.extend(n for n, t in self.activations.items() if t.source == tensor.name)
+
+
+@dataclass
+class BodyPlan:
+    """The plan of one If/Loop/Scan body: ``graph`` is the body itself, ``label`` its place
+    (``<owner node>/<attribute>``, nested bodies joined by ``/``)."""
+
+    graph: ir.Graph
+    label: str
+    plan: QuantPlan
+
+
+def bodies_of(graph: ir.Graph, prefix: str = "") -> list[tuple[str, ir.Graph]]:
+    """Every subgraph held by a node of ``graph`` (If/Loop/Scan bodies), at any depth, outer ones
+    first, each with its label."""
+    found = []
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                label = f"{prefix}{node.name or node.op_type}/{attr.name}"
+                found.append((label, attr.as_graph()))
+                found += bodies_of(attr.as_graph(), f"{label}/")
+    return found
+
+
+def body_model(model: ir.Model, graph: ir.Graph) -> ir.Model:
+    """A model whose graph is the body ``graph`` (the same object, not a copy), for passes written
+    for ``model.graph``. Values the body reads from outer scopes stay what they are."""
+    return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name)
 
 
 def weight_axis(node: ir.Node, input_index: int, rank: int, spec: QuantSpec) -> int | None:
@@ -339,8 +380,27 @@ class Planner:
         return self.config.overrides.get(name, self.config.activations)
 
     def plan(self, model: ir.Model) -> QuantPlan:
+        """The plan of the main graph and, unless the target quantizes every op, of each If/Loop/Scan
+        body (a body's nodes are planned by the same rules, reading outer-scope values as inputs)."""
+        plan = self._plan_graph(model.graph)
+        if self.rules.every_op:
+            for label, body in bodies_of(model.graph):
+                body_plan = QuantPlan()
+                for node in body:
+                    if node.op_type in COMPUTE_OPS:
+                        reason = "inside an If/Loop/Scan body (this target quantizes the main graph only)"
+                        body_plan.nodes[node.name or ""] = NodePlan(
+                            node.name or "", node.op_type, False, reason
+                        )
+                plan.bodies.append(BodyPlan(body, label, body_plan))
+            return plan
+        plan.bodies = [
+            BodyPlan(body, label, self._plan_graph(body)) for label, body in bodies_of(model.graph)
+        ]
+        return plan
+
+    def _plan_graph(self, graph: ir.Graph) -> QuantPlan:
         plan = QuantPlan()
-        graph = model.graph
         exclusive: set[str] = set()  # tensors whose producer feeds only a Q
         for node in graph:  # graph iteration is topological for valid models
             name = node.name or ""

@@ -275,10 +275,10 @@ def _if_model(path: Path) -> list[dict[str, np.ndarray]]:
     ids=["static", "dynamic", "rtn", "gptq", "awq"],
 )
 def test_weights_read_inside_subgraphs(config, tmp_path) -> None:
-    """Static configs carry If branches through in float (outputs equal fp32's); dynamic and
-    weight-only configs quantize the MatMuls inside the branches, the outer weights they read going
-    into each branch as integers (GPTQ/AWQ fall back to round-to-nearest there: the branch
-    activations cannot be fetched)."""
+    """Every config quantizes the MatMuls inside the branches: static ones with ranges calibrated
+    inside each branch (the int8 weights stay in the main graph), dynamic and weight-only ones with
+    the outer weights they read going into each branch as integers (GPTQ/AWQ fall back to
+    round-to-nearest there: the branch activations cannot be fetched)."""
     import onnxruntime as ort
 
     feeds = _if_model(tmp_path / "if.onnx")
@@ -288,23 +288,21 @@ def test_weights_read_inside_subgraphs(config, tmp_path) -> None:
     fp32 = ort.InferenceSession(str(tmp_path / "if.onnx"), providers=["CPUExecutionProvider"])
     quant = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     written = onnx.load(str(tmp_path / "q.onnx"))
-    if config.activations is not None and config.calibration != onnxq.Dynamic():
-        for feed in feeds:
-            np.testing.assert_allclose(
-                quant.run(None, feed)[0], fp32.run(None, feed)[0], rtol=1e-5, atol=1e-5
-            )
-        return
-    dynamic = config.activations is not None
+    static = config.activations is not None and config.calibration != onnxq.Dynamic()
+    dynamic = config.activations is not None and not static
     assert not result.summary.float_nodes
+    assert result.summary.quantized_nodes == {"MatMul": 2}
     assert not {"W1", "W2"} & {t.name for t in written.graph.initializer}  # no float copy kept
     branches = [a.g for a in written.graph.node[0].attribute]
     ops = (
-        ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"]
+        ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul"]
+        if static
+        else ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"]
         if dynamic
         else ["DequantizeLinear", "MatMul"]
     )
     assert all([n.op_type for n in g.node] == ops for g in branches)
-    bound = 0.05 if dynamic else 0.15  # int8 at run time / int4 blocks of 32 on N(0, 1) weights
+    bound = 0.05 if static or dynamic else 0.15  # int8 / int4 blocks of 32 on N(0, 1) weights
     for feed in feeds:
         want, got = fp32.run(None, feed)[0], quant.run(None, feed)[0]
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound

@@ -327,8 +327,13 @@ def session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _select(feed: Feed, sess: Any) -> Feed:
-    return {i.name: feed[i.name] for i in sess.get_inputs()}
+def _select(feed: Feed, sess: Any, index: int = 0) -> Feed:
+    """``feed`` restricted to the session's inputs; a merged model (``--merged``) gets the branch
+    flag too, alternating with ``index`` so half of the evaluation goes through each branch."""
+    from models.merged import BRANCH_INPUT
+
+    full = {**feed, BRANCH_INPUT: np.array([index % 2 == 0])}
+    return {i.name: full[i.name] for i in sess.get_inputs()}
 
 
 def machine_info() -> dict[str, Any]:
@@ -490,7 +495,7 @@ class MiniLMTask(Task):
         out = np.zeros((len(texts), sess.get_outputs()[0].shape[-1] or 384), dtype=np.float32)
         pad = self.tokenizer.pad_token_id or 0
         bs = self.args.batch_size
-        for start in tqdm(range(0, len(order), bs), desc=desc, unit="batch", leave=False):
+        for batch, start in enumerate(tqdm(range(0, len(order), bs), desc=desc, unit="batch", leave=False)):
             idx = order[start : start + bs]
             width = max(len(ids[i]) for i in idx)
             batch_ids = np.full((len(idx), width), pad, dtype=np.int64)
@@ -499,7 +504,7 @@ class MiniLMTask(Task):
                 batch_ids[row, : len(ids[i])] = ids[i]
                 mask[row, : len(ids[i])] = 1
             feed = {"input_ids": batch_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}
-            hidden = sess.run(["last_hidden_state"], _select(feed, sess))[0]
+            hidden = sess.run(["last_hidden_state"], _select(feed, sess, batch))[0]
             m = mask[:, :, None].astype(np.float32)
             out[idx] = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
         return out
@@ -565,9 +570,9 @@ class SmolLM2Task(Task):
 
         sess = session(path, self.args.threads)
         nll, count = 0.0, 0
-        for window in tqdm(windows, desc="smollm2 windows", unit="window", leave=False):
+        for i, window in enumerate(tqdm(windows, desc="smollm2 windows", unit="window", leave=False)):
             ids = window[None, :]
-            logits = sess.run(["logits"], _select(models.causal_lm_feed(ids), sess))[0][0, :-1]
+            logits = sess.run(["logits"], _select(models.causal_lm_feed(ids), sess, i))[0][0, :-1]
             logits = logits.astype(np.float64)
             peak = logits.max(axis=1)
             lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
@@ -709,6 +714,21 @@ def run_contender(task: Task, contender: Contender, fp32: Path, calib: list[Feed
     return row
 
 
+def _merged(fp32: Path, calib: list[Feed], folder: Path) -> tuple[Path, list[Feed]]:
+    """``fp32`` in the merged-decoder layout (written to ``folder``) and ``calib`` with the branch
+    flag, alternating so half of the samples calibrate each branch."""
+    import onnx
+
+    from models.merged import BRANCH_INPUT, merge_into_if
+
+    merged = folder / "merged" / "model.onnx"
+    merged.parent.mkdir()
+    onnx.save(
+        merge_into_if(onnx.load(str(fp32))), merged, save_as_external_data=True, location="model.onnx.data"
+    )
+    return merged, [{**f, BRANCH_INPUT: np.array([i % 2 == 0])} for i, f in enumerate(calib)]
+
+
 def run_model(name: str, args: argparse.Namespace, chosen: list[Contender]) -> ModelResult:
     """Evaluate fp32 and every chosen quantizer on model ``name``."""
     t_start = time.perf_counter()
@@ -719,10 +739,13 @@ def run_model(name: str, args: argparse.Namespace, chosen: list[Contender]) -> M
     result = ModelResult(name, task.recipe, calibration, evaluation, setup_s=time.perf_counter() - t_start)
     log.info("%s: %d calibration samples; setup %.1f s", name, len(calib), result.setup_s)
     with tempfile.TemporaryDirectory(prefix=f"fidelity.{name}.") as tmp:
+        if args.merged:
+            fp32, calib = _merged(fp32, calib, Path(tmp))
+            result.notes = ["merged-decoder layout: the model in both branches of an If (models/merged.py)"]
         for contender in chosen:
             result.rows.append(run_contender(task, contender, fp32, calib, Path(tmp)))
     del calib
-    result.notes = task.notes
+    result.notes = [*result.notes, *task.notes]
     result.total_s = time.perf_counter() - t_start
     del task
     gc.collect()
@@ -793,6 +816,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp-points", type=float, default=0.1, help="onnxq-amp: max accuracy drop (points)")
     p.add_argument("--amp-ppl-pct", type=float, default=3.0, help="onnxq-amp: smollm2 ppl rise (%%)")
     p.add_argument("--amp-windows", type=int, default=4, help="onnxq-amp: smollm2 evaluation windows")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="each model in the merged-decoder layout: the whole model in both branches of an If "
+        "(weights shared in the main graph), calibrated and evaluated through alternate branches",
+    )
     p.add_argument("--json", metavar="OUT.json", help="write every number here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)

@@ -9,12 +9,31 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+# Key of ``graph.meta`` under which a body graph being rewritten on its own (onnxq.plan.body_model)
+# holds the names of the rest of the model, so names made inside it shadow nothing outside.
+OUTER_NAMES = "onnxq.outer_names"
+
+
+def model_names(model: ir.Model) -> set[str]:
+    """Every value and node name in ``model``, bodies included."""
+    taken: set[str] = set()
+    for graph in model.graphs():
+        taken.update(v.name for v in graph.inputs if v.name)
+        taken.update(graph.initializers)
+        for node in graph:
+            if node.name:
+                taken.add(node.name)
+            taken.update(v.name for v in node.outputs if v.name)
+    return taken
+
 
 class Namer:
-    """Hands out value/node names that do not clash with any name already in ``graph``."""
+    """Hands out value/node names that do not clash with any name already in ``graph`` (or, for a
+    body rewritten on its own, anywhere in its model: ``graph.meta[OUTER_NAMES]``)."""
 
     def __init__(self, graph: ir.Graph) -> None:
         self.taken: set[str] = {v.name for v in graph.inputs if v.name}
+        self.taken.update(graph.meta.get(OUTER_NAMES, ()))
         self.taken.update(graph.initializers)
         for node in ir.traversal.RecursiveGraphIterator(graph):
             if node.name:

@@ -41,7 +41,11 @@ class InsertQDQ(ir.passes.InPlacePass):
             if tensor.kind != "activation":
                 continue
             lo, hi = self.ranges.get(name, (math.nan, math.nan))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
+            if math.isnan(lo) and math.isnan(hi):
+                self.plan.drop_activation(
+                    name, f"{name} was not computed on the calibration data (a branch or loop that never ran)"
+                )
+            elif not (math.isfinite(lo) and math.isfinite(hi)):
                 self.plan.drop_activation(name, f"no finite calibrated range for {name}")
             elif max(abs(lo), abs(hi)) >= SENTINEL_MAGNITUDE:
                 self.plan.drop_activation(
@@ -56,6 +60,10 @@ class InsertQDQ(ir.passes.InPlacePass):
         values.update(graph.initializers)
         for node in graph:
             values.update((v.name, v) for v in node.outputs)
+        for node in graph:  # a body's reads from outer scopes (weights, activations)
+            for v in node.inputs:
+                if v is not None:
+                    values.setdefault(v.name, v)
         nodes = {n.name: n for n in graph}
         params: dict[str, QParams] = {}
         for key, tensor in self.plan.weights.items():

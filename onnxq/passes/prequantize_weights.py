@@ -17,11 +17,17 @@ from onnxq.qmath import quantize
 
 class PrequantizeWeights(ir.passes.InPlacePass):
     """Fold QuantizeLinear(constant) into an integer initializer; with ``spill``, each integer weight
-    of 1 MiB or more moves to that file as soon as it is made."""
+    of 1 MiB or more moves to that file as soon as it is made.
+
+    The integer initializer goes to the graph that owns the float one, so an outer-scope weight
+    quantized inside If/Loop/Scan bodies is stored once, in the outer graph (ONNX Runtime fuses
+    QDQ groups that read it from there); a pass instance run on several bodies reuses it for every
+    QuantizeLinear of the same weight with the same parameters."""
 
     def __init__(self, spill: SpillFile | None = None) -> None:
         super().__init__()
         self.spill = spill
+        self._made: dict[tuple[int, bytes, bytes, int | None], ir.Value] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -39,17 +45,24 @@ class PrequantizeWeights(ir.passes.InPlacePass):
             axis = node.attributes.get_int("axis", 1) if scale.ndim == 1 and scale.size > 1 else None
             if axis is not None and axis < 0:
                 axis += array.ndim
-            flat = array.reshape(-1) if array.ndim == 0 else array  # numpy's out= needs an array, not 0-d
-            q = quantize(flat, scale, zero_point, axis).reshape(array.shape)
-            del array, flat  # no view of the mapped weight may outlive it, or it cannot be unmapped
+            owner = weight.graph if weight.graph is not None else graph
+            key = (id(weight), scale.tobytes(), zero_point.tobytes() + zero_point.dtype.str.encode(), axis)
+            q_value = self._made.get(key) if owner is not graph else None
+            if q_value is None:
+                flat = array.reshape(-1) if array.ndim == 0 else array  # numpy's out= needs an array, not 0-d
+                q = quantize(flat, scale, zero_point, axis).reshape(array.shape)
+                del flat
+                q_value = add_initializer(owner, namer(f"{weight.name}_quantized"), q)
+                del q
+                if self.spill is not None:
+                    self.spill.take(q_value)
+                if owner is not graph:
+                    self._made[key] = q_value
+            del array  # no view of the mapped weight may outlive it, or it cannot be unmapped
             release(weight)
-            q_value = add_initializer(graph, namer(f"{weight.name}_quantized"), q)
-            del q
-            if self.spill is not None:
-                self.spill.take(q_value)
             node.outputs[0].replace_all_uses_with(q_value)
             graph.remove(node, safe=True)
-            if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
-                graph.initializers.pop(weight.name)
+            if not weight.uses() and not weight.is_graph_output() and weight.name in owner.initializers:
+                owner.initializers.pop(weight.name)
             modified = True
         return ir.passes.PassResult(model, modified)

@@ -1,0 +1,59 @@
+"""Static QDQ inside If/Loop/Scan bodies, each body by its own plan.
+
+Guarantees: every body with quantized nodes gets the main graph's rewrite — Q/DQ insertion,
+integer weights, int32 biases, clean-up — with its own plan and calibrated ranges; names made
+inside a body clash with nothing in the model; a weight the body reads from an outer graph is stored
+as integers once, in that graph, however many bodies read it (ONNX Runtime fuses the QDQ groups of a
+body that read it from there), and the float weight is dropped when nothing reads it any more.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxq.passes._util import OUTER_NAMES, SpillFile, model_names
+from onnxq.passes.cleanup import Cleanup
+from onnxq.passes.insert_qdq import InsertQDQ
+from onnxq.passes.prequantize_weights import PrequantizeWeights
+from onnxq.passes.quantize_bias import QuantizeBias
+from onnxq.plan import RULES, BodyPlan, TargetRules, body_model
+
+
+class QuantizeBodies(ir.passes.InPlacePass):
+    """Apply each body's plan with ranges from ``ranges`` (body graph id → value → range)."""
+
+    def __init__(
+        self,
+        bodies: list[BodyPlan],
+        ranges: dict[int, dict[str, tuple[float, float]]],
+        rules: TargetRules = RULES["cpu"],
+    ) -> None:
+        super().__init__()
+        self.bodies = bodies
+        self.ranges = ranges
+        self.rules = rules
+        self.spill: SpillFile | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        prequantize = PrequantizeWeights(self.spill)  # one instance: shared weights stored once
+        modified = False
+        for body in self.bodies:
+            if not body.plan.activations and not body.plan.weights:
+                continue
+            passes: list[ir.passes.PassBase] = [
+                InsertQDQ(body.plan, self.ranges.get(id(body.graph), {})),
+                prequantize,
+            ]
+            if self.rules.quantize_bias:
+                passes.append(QuantizeBias(("Conv", "Gemm")))
+            passes.append(Cleanup(drop_data_movement=self.rules.drop_data_movement_pairs))
+            body.graph.meta[OUTER_NAMES] = model_names(model)
+            try:
+                ir.passes.PassManager(passes)(body_model(model, body.graph))
+            finally:
+                del body.graph.meta[OUTER_NAMES]
+            modified = True
+        if modified:
+            RemoveUnusedNodesPass()(model)  # outer float weights and biases now read by no body
+        return ir.passes.PassResult(model, modified)

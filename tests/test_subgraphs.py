@@ -1,0 +1,275 @@
+"""Static quantization inside If/Loop/Scan bodies: calibrated inside the body, quantized there,
+fused by ONNX Runtime, and accurate; on hand-built graphs and on a real model merged the way
+decoder exports merge their with-past and without-past graphs (one If, weights shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import onnxq
+from tests.helpers import make_model, tensor_info
+
+RNG = np.random.default_rng(0)
+H = 64
+
+
+def _weights(*names: str) -> dict[str, np.ndarray]:
+    return {n: (RNG.normal(size=(H, H)) / np.sqrt(H)).astype(np.float32) for n in names}
+
+
+def _relative_error(path: Path, quant: Path, feeds: list[dict[str, np.ndarray]]) -> float:
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feed in feeds:
+        for want, got in zip(fp32.run(None, feed), q.run(None, feed), strict=True):
+            if want.size:
+                worst = max(worst, float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    return worst
+
+
+def _optimized_ops(path: Path) -> dict[str, list[str]]:
+    """Op types of each graph of the model as ORT's CPU EP optimizes it (``main`` and per body)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = onnx.load(so.optimized_model_filepath)
+    found = {"main": [n.op_type for n in model.graph.node]}
+
+    def walk(graph: onnx.GraphProto, prefix: str) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    found[f"{prefix}{node.name}/{attr.name}"] = [n.op_type for n in attr.g.node]
+                    walk(attr.g, f"{prefix}{node.name}/{attr.name}/")
+
+    walk(model.graph, "")
+    return found
+
+
+def _loop_model(path: Path) -> list[dict[str, np.ndarray]]:
+    """``h = x; for n iterations: m = h @ W; h = tanh(m + b); ys += relu(m)``; W and b outer."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond"], ["cond_out"], name="keep_going"),
+            helper.make_node("MatMul", ["h", "W"], ["m"], name="loop_mm"),
+            helper.make_node("Add", ["m", "b"], ["a"], name="loop_add"),
+            helper.make_node("Tanh", ["a"], ["h_out"], name="loop_tanh"),
+            helper.make_node("Relu", ["m"], ["y"], name="loop_relu"),
+        ],
+        "body",
+        [
+            tensor_info("i", TensorProto.INT64, []),
+            tensor_info("cond", TensorProto.BOOL, []),
+            tensor_info("h", shape=[4, H]),
+        ],
+        [
+            tensor_info("cond_out", TensorProto.BOOL, []),
+            tensor_info("h_out", shape=[4, H]),
+            tensor_info("y", shape=[4, H]),
+        ],
+    )
+    model = make_model(
+        [
+            helper.make_node(
+                "Constant", [], ["true"], value=helper.make_tensor("t", TensorProto.BOOL, [], [1])
+            ),
+            helper.make_node("Loop", ["n", "true", "x"], ["h_final", "ys"], name="loop", body=body),
+        ],
+        [tensor_info("x", shape=[4, H]), tensor_info("n", TensorProto.INT64, [])],
+        [tensor_info("h_final", shape=[4, H]), tensor_info("ys", shape=["n", 4, H])],
+        {**_weights("W"), "b": RNG.normal(size=H).astype(np.float32)},
+    )
+    onnx.save(model, path)
+    return [{"x": RNG.normal(size=(4, H)).astype(np.float32), "n": np.array(3, np.int64)} for _ in range(4)]
+
+
+def _scan_model(path: Path) -> list[dict[str, np.ndarray]]:
+    """A gated RNN as a Scan: ``s = tanh(x_t @ Wx) * sigmoid(s @ Ws)`` over 5 steps, every state a
+    scan output."""
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "Wx"], ["mx"], name="scan_mm_x"),
+            helper.make_node("MatMul", ["s", "Ws"], ["ms"], name="scan_mm_s"),
+            helper.make_node("Tanh", ["mx"], ["candidate"], name="scan_tanh"),
+            helper.make_node("Sigmoid", ["ms"], ["gate"], name="scan_gate"),
+            helper.make_node("Mul", ["candidate", "gate"], ["s_new"], name="scan_mul"),
+            helper.make_node("Identity", ["s_new"], ["y_t"], name="scan_out"),
+        ],
+        "body",
+        [tensor_info("s", shape=[1, H]), tensor_info("x_t", shape=[1, H])],
+        [tensor_info("s_new", shape=[1, H]), tensor_info("y_t", shape=[1, H])],
+    )
+    model = make_model(
+        [helper.make_node("Scan", ["s0", "xs"], ["s_final", "ys"], name="rnn", body=body, num_scan_inputs=1)],
+        [tensor_info("s0", shape=[1, H]), tensor_info("xs", shape=[5, 1, H])],
+        [tensor_info("s_final", shape=[1, H]), tensor_info("ys", shape=[5, 1, H])],
+        _weights("Wx", "Ws"),
+    )
+    onnx.save(model, path)
+    return [
+        {"s0": np.zeros((1, H), np.float32), "xs": RNG.normal(size=(5, 1, H)).astype(np.float32)}
+        for _ in range(4)
+    ]
+
+
+def _nested_model(path: Path) -> list[dict[str, np.ndarray]]:
+    """A Loop whose body holds an If: even iterations ``h @ W1``, odd ones ``h @ W2``, then tanh."""
+    branches = {
+        key: helper.make_graph(
+            [helper.make_node("MatMul", ["h", w], [out], name=f"{key}_mm")],
+            key,
+            [],
+            [tensor_info(out, shape=[4, H])],
+        )
+        for key, w, out in (("then_branch", "W1", "t"), ("else_branch", "W2", "e"))
+    }
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond"], ["cond_out"], name="keep_going"),
+            helper.make_node("Mod", ["i", "two"], ["parity"], name="parity"),
+            helper.make_node("Equal", ["parity", "zero"], ["even"], name="is_even"),
+            helper.make_node("If", ["even"], ["m"], name="pick", **branches),
+            helper.make_node("Tanh", ["m"], ["h_out"], name="tanh"),
+        ],
+        "body",
+        [
+            tensor_info("i", TensorProto.INT64, []),
+            tensor_info("cond", TensorProto.BOOL, []),
+            tensor_info("h", shape=[4, H]),
+        ],
+        [tensor_info("cond_out", TensorProto.BOOL, []), tensor_info("h_out", shape=[4, H])],
+    )
+    model = make_model(
+        [
+            helper.make_node(
+                "Constant", [], ["true"], value=helper.make_tensor("t", TensorProto.BOOL, [], [1])
+            ),
+            helper.make_node("Loop", ["n", "true", "x"], ["h_final"], name="loop", body=body),
+        ],
+        [tensor_info("x", shape=[4, H]), tensor_info("n", TensorProto.INT64, [])],
+        [tensor_info("h_final", shape=[4, H])],
+        {**_weights("W1", "W2"), "two": np.array(2, np.int64), "zero": np.array(0, np.int64)},
+    )
+    onnx.save(model, path)
+    return [{"x": RNG.normal(size=(4, H)).astype(np.float32), "n": np.array(4, np.int64)} for _ in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("build", "matmuls", "bound"),
+    [(_loop_model, 1, 0.03), (_scan_model, 2, 0.03), (_nested_model, 2, 0.03)],
+    ids=["loop", "scan", "loop-if"],
+)
+def test_static_quantization_inside_bodies(build, matmuls, bound, tmp_path) -> None:
+    """Every MatMul inside the bodies is quantized with ranges calibrated inside them, ORT's CPU EP
+    runs it as an integer kernel, the outputs stay within int8 error of fp32, and the outer float
+    weights are gone (stored once as int8 in the main graph)."""
+    feeds = build(tmp_path / "m.onnx")
+    result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
+    assert result.summary.quantized_nodes.get("MatMul") == matmuls
+    assert not [n for n in result.summary.float_nodes if n.op_type == "MatMul"]
+    assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < bound
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    main = {t.name: t.data_type for t in written.graph.initializer}
+    assert not [n for n, t in main.items() if n.startswith("W") and t == TensorProto.FLOAT]
+    assert len([n for n, t in main.items() if n.startswith("W") and t == TensorProto.INT8]) == matmuls
+    optimized = _optimized_ops(tmp_path / "q.onnx")
+    assert all("MatMul" not in ops for ops in optimized.values()), optimized
+    assert sum(ops.count("MatMulIntegerToFloat") for ops in optimized.values()) == matmuls
+
+
+def test_a_body_that_never_ran_stays_float_and_says_why(tmp_path) -> None:
+    """A loop that runs zero times on every calibration sample has no ranges: its MatMul stays float
+    with the reason, and the model still runs (and is exact) when the loop does run."""
+    feeds = _loop_model(tmp_path / "m.onnx")
+    never = [{**f, "n": np.array(0, np.int64)} for f in feeds]
+    result = onnxq.quantize(tmp_path / "m.onnx", never, output=tmp_path / "q.onnx", progress=False)
+    reasons = {n.name: n.reason for n in result.summary.float_nodes}
+    assert "not computed on the calibration data" in reasons["loop/body/loop_mm"]
+    assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 1e-6
+
+
+def test_weight_shared_by_both_branches_is_stored_once(tmp_path) -> None:
+    """An If whose two branches read the same outer weight (a merged decoder's layout): one int8
+    copy in the main graph, both branches quantized and fused."""
+    branches = {
+        key: helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
+                helper.make_node(op, [f"{key}_m"], [out], name=f"{key}_act"),
+            ],
+            key,
+            [],
+            [tensor_info(out, shape=[4, H])],
+        )
+        for key, op, out in (("then_branch", "Relu", "t"), ("else_branch", "Tanh", "e"))
+    }
+    model = make_model(
+        [helper.make_node("If", ["flag"], ["y"], name="merged", **branches)],
+        [tensor_info("x", shape=[4, H]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=[4, H])],
+        _weights("W"),
+    )
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = [
+        {"x": RNG.normal(size=(4, H)).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
+    ]
+    result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
+    assert result.summary.quantized_nodes == {"MatMul": 2}
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    assert [(t.name, t.data_type) for t in written.graph.initializer if t.name.startswith("W")] == [
+        ("W_quantized_1", TensorProto.INT8)
+    ]
+    assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 0.03
+    optimized = _optimized_ops(tmp_path / "q.onnx")
+    assert optimized["merged/then_branch"].count("MatMulIntegerToFloat") == 1
+    assert optimized["merged/else_branch"].count("MatMulIntegerToFloat") == 1
+
+
+def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
+    model_path, calib_feeds, tmp_path
+) -> None:
+    """tiny-llama (exported by torch, with past key values) merged the way decoder exports merge
+    their with-past and without-past graphs: every MatMul of both branches is quantized and fused
+    by ORT, the int8 weights are stored once (as many bytes as the plain model's), and both branches
+    are as close to fp32 as the plain model's quantization is."""
+    from models.merged import BRANCH_INPUT, merge_into_if
+
+    plain = model_path("tiny-llama")
+    onnx.save(merge_into_if(onnx.load(str(plain))), tmp_path / "merged.onnx")
+    feeds = calib_feeds("tiny-llama", 8)
+    merged_feeds = [{**f, BRANCH_INPUT: np.array([i % 2 == 0])} for i, f in enumerate(feeds)]
+    base = onnxq.quantize(plain, feeds, output=tmp_path / "plain_q.onnx", progress=False)
+    result = onnxq.quantize(
+        tmp_path / "merged.onnx", merged_feeds, output=tmp_path / "merged_q.onnx", progress=False
+    )
+
+    assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
+    assert result.summary.fidelity[0].cosine >= base.summary.fidelity[0].cosine - 1e-4
+
+    def int8_bytes(path: Path) -> int:  # weights, not zero points
+        model = onnx.load(str(path))
+        return sum(
+            len(t.raw_data)
+            for t in model.graph.initializer
+            if t.data_type == TensorProto.INT8 and len(t.dims) >= 2
+        )
+
+    assert int8_bytes(tmp_path / "merged_q.onnx") == int8_bytes(tmp_path / "plain_q.onnx")
+    written = onnx.load(str(tmp_path / "merged_q.onnx"))
+    assert not [t for t in written.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2]
+
+    held_out = [{**f, BRANCH_INPUT: np.array([flag])} for f in feeds[:2] for flag in (True, False)]
+    assert _relative_error(tmp_path / "merged.onnx", tmp_path / "merged_q.onnx", held_out) < 0.1
+    fused = _optimized_ops(tmp_path / "plain_q.onnx")["main"].count("MatMulIntegerToFloat")
+    optimized = _optimized_ops(tmp_path / "merged_q.onnx")
+    assert fused > 0
+    assert optimized["merged_decoder/then_branch"].count("MatMulIntegerToFloat") == fused
+    assert optimized["merged_decoder/else_branch"].count("MatMulIntegerToFloat") == fused
