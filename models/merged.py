@@ -21,6 +21,9 @@ def merge_into_if(model: onnx.ModelProto) -> onnx.ModelProto:
     keep their names (the branches' own outputs get a ``/then``/``/else`` suffix)."""
     source = model.graph
     outputs = [o.name for o in source.output]
+    produced = {name for node in source.node for name in node.output}
+    if not set(outputs) <= produced:
+        raise ValueError("every output must be computed by a node to become an output of the If")
 
     def branch(suffix: str) -> onnx.GraphProto:
         renamed = {name: f"{name}/{suffix}" for name in outputs}

@@ -49,6 +49,7 @@ from onnxq.passes.finite_mask import FiniteMaskSentinels
 from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
 from onnxq.passes.fuse_gelu import FuseGelu
+from onnxq.passes.hoist_constants import HoistBodyConstants
 from onnxq.passes.infer_shapes import InferShapes
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
@@ -95,6 +96,7 @@ def prepare_passes(
             upcast or UpcastHalf(),
             upgrade,
             *fold,
+            HoistBodyConstants(),
             *([finite_mask] if finite_mask is not None else []),
             *([fuse_gelu] if fuse_gelu is not None else []),
             FoldBatchNorm(),

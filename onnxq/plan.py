@@ -23,6 +23,10 @@ quantized node becomes an integer kernel:
 ``"tensorrt"`` and ``"openvino"`` put QDQ on the inputs of MatMul/Gemm/Conv/ConvTranspose only
 (their compilers fuse the rest themselves); ``"qnn"`` quantizes every op, model inputs and outputs
 included, because anything HTP sees in float falls back to the CPU.
+
+If/Loop/Scan bodies get plans of their own (``QuantPlan.bodies``), made by the same rules with the
+values a body reads from outer scopes taken as its inputs; ``"qnn"`` leaves bodies float (HTP does
+not run control flow, so they fall back to the CPU whole).
 """
 
 from __future__ import annotations

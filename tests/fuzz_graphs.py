@@ -205,6 +205,10 @@ def graphs(draw) -> tuple[onnx.ModelProto, np.ndarray]:
                 if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
                     half = numpy_helper.to_array(attr.t).astype(np.float16)
                     attr.t.CopyFrom(numpy_helper.from_array(half, attr.t.name))
+    if "x" not in outputs and draw(st.integers(0, 4)) == 0:  # in both branches of an If (merged decoders)
+        from models.merged import merge_into_if
+
+        model = merge_into_if(model)
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([0.0, 1.0, 1e4]))
     x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import onnxq
+from models.merged import BRANCH_INPUT
 from onnxq.config import Codebook, Dynamic, PerTensor, QuantConfig, QuantSpec
 from tests.fuzz_graphs import graphs
 
@@ -60,14 +61,17 @@ def configs(draw) -> QuantConfig:
 def test_onnxq_answers_every_graph(case, config, poison, samples, tmp_path_factory) -> None:
     model, x = case
     onnx.checker.check_model(model, full_check=True)  # the generator only builds valid models
+    branched = any(i.name == BRANCH_INPUT for i in model.graph.input)
     feeds = [{"x": x * (i + 1)} for i in range(samples)]
+    for i, feed in enumerate(feeds if branched else []):
+        feed[BRANCH_INPUT] = np.array([i % 2 == 0])
     if poison == 0:
         feeds[0]["x"] = np.full_like(x, np.nan)
     folder = tmp_path_factory.mktemp("fuzz")
     output = folder / "model.quant.onnx"
     # Kept for reproducing a failure: the input model, its data and the config.
     onnx.save(model, str(folder / "model.onnx"))
-    np.savez(folder / "feeds.npz", x=np.stack([f["x"] for f in feeds]))
+    np.savez(folder / "feeds.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
     (folder / "config.json").write_text(config.to_json())
     try:
         onnxq.quantize(model, feeds, config=config, output=output, progress=False)
@@ -79,5 +83,5 @@ def test_onnxq_answers_every_graph(case, config, poison, samples, tmp_path_facto
     assert poison != 0, "NaN calibration data must be refused"
     onnx.checker.check_model(str(output), full_check=True)
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-    (out, *_) = session.run(None, {"x": x})
+    (out, *_) = session.run(None, {"x": x, **({BRANCH_INPUT: np.array([True])} if branched else {})})
     assert out is not None

@@ -273,3 +273,38 @@ def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
     assert fused > 0
     assert optimized["merged_decoder/then_branch"].count("MatMulIntegerToFloat") == fused
     assert optimized["merged_decoder/else_branch"].count("MatMulIntegerToFloat") == fused
+
+
+def test_constants_folded_inside_branches_are_stored_once(tmp_path) -> None:
+    """Both branches read ``Transpose(W)`` (a tied embedding's lm_head in a merged decoder): the
+    folded weight moves to the main graph once, so the quantized file holds one int8 copy."""
+    branches = {
+        key: helper.make_graph(
+            [
+                helper.make_node("Transpose", ["W"], [f"{key}_wt"], name=f"{key}_transpose", perm=[1, 0]),
+                helper.make_node("MatMul", ["x", f"{key}_wt"], [out], name=f"{key}_mm"),
+            ],
+            key,
+            [],
+            [tensor_info(out, shape=[4, H])],
+        )
+        for key, out in (("then_branch", "t"), ("else_branch", "e"))
+    }
+    model = make_model(
+        [helper.make_node("If", ["flag"], ["y"], name="merged", **branches)],
+        [tensor_info("x", shape=[4, H]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=[4, H])],
+        _weights("W"),
+    )
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = [
+        {"x": RNG.normal(size=(4, H)).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
+    ]
+    result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
+    assert result.summary.quantized_nodes == {"MatMul": 2}
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    weights = [t for t in written.graph.initializer if len(t.dims) == 2]
+    assert [(t.data_type, list(t.dims)) for t in weights] == [(TensorProto.INT8, [H, H])]
+    for attr in written.graph.node[0].attribute:
+        assert not [t for t in attr.g.initializer if len(t.dims) == 2]
+    assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 0.03
