@@ -177,9 +177,8 @@ def test_static_quantization_inside_bodies(build, matmuls, bound, tmp_path) -> N
     assert not [n for n in result.summary.float_nodes if n.op_type == "MatMul"]
     assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < bound
     written = onnx.load(str(tmp_path / "q.onnx"))
-    main = {t.name: t.data_type for t in written.graph.initializer}
-    assert not [n for n, t in main.items() if n.startswith("W") and t == TensorProto.FLOAT]
-    assert len([n for n, t in main.items() if n.startswith("W") and t == TensorProto.INT8]) == matmuls
+    weights = [t.data_type for t in written.graph.initializer if len(t.dims) == 2]
+    assert weights == [TensorProto.INT8] * matmuls
     optimized = _optimized_ops(tmp_path / "q.onnx")
     assert all("MatMul" not in ops for ops in optimized.values()), optimized
     assert sum(ops.count("MatMulIntegerToFloat") for ops in optimized.values()) == matmuls
@@ -224,7 +223,7 @@ def test_weight_shared_by_both_branches_is_stored_once(tmp_path) -> None:
     result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
     assert result.summary.quantized_nodes == {"MatMul": 2}
     written = onnx.load(str(tmp_path / "q.onnx"))
-    assert [(t.name, t.data_type) for t in written.graph.initializer if t.name.startswith("W")] == [
+    assert [(t.name, t.data_type) for t in written.graph.initializer if len(t.dims) == 2] == [
         ("W_quantized_1", TensorProto.INT8)
     ]
     assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 0.03
@@ -308,3 +307,39 @@ def test_constants_folded_inside_branches_are_stored_once(tmp_path) -> None:
     for attr in written.graph.node[0].attribute:
         assert not [t for t in attr.g.initializer if len(t.dims) == 2]
     assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 0.03
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt", "openvino"])
+def test_quantized_branch_with_matmul_add_loads_in_ort(target, tmp_path) -> None:
+    """A branch computing ``x[1,1,6,6] @ W + b``: ORT rewrites MatMul+Add into Gemm inside the body,
+    which mistyped the QuantizeLinear when its zero point was a body initializer and refused the
+    model (found by the fuzzer); onnxq keeps those in the main graph, so the model loads and runs."""
+    branches = {
+        key: helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
+                helper.make_node("Add", [f"{key}_m", "b"], [out], name=f"{key}_add"),
+            ],
+            key,
+            [],
+            [tensor_info(out, shape=[1, 1, 6, 1])],
+        )
+        for key, out in (("then_branch", "t"), ("else_branch", "e"))
+    }
+    model = make_model(
+        [helper.make_node("If", ["flag"], ["y"], name="merged", **branches)],
+        [tensor_info("x", shape=[1, 1, 6, 6]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=[1, 1, 6, 1])],
+        {"W": RNG.normal(size=(6, 1)).astype(np.float32), "b": RNG.normal(size=1).astype(np.float32)},
+    )
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = [
+        {"x": RNG.normal(size=(1, 1, 6, 6)).astype(np.float32), "flag": np.array(i % 2 == 0)}
+        for i in range(4)
+    ]
+    config = onnxq.QuantConfig(target=target)
+    result = onnxq.quantize(
+        tmp_path / "m.onnx", feeds, config=config, output=tmp_path / "q.onnx", progress=False
+    )
+    assert result.summary.quantized_nodes["MatMul"] == 2
+    assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 0.05

@@ -5,6 +5,9 @@ integer weights, int32 biases, clean-up — with its own plan and calibrated ran
 inside a body clash with nothing in the model; a weight the body reads from an outer graph is stored
 as integers once, in that graph, however many bodies read it (ONNX Runtime fuses the QDQ groups of a
 body that read it from there), and the float weight is dropped when nothing reads it any more.
+The scales, zero points and biases made for a body live in the main graph too: ONNX Runtime's
+MatMul+Add → Gemm rewrite inside a body mistypes a QuantizeLinear whose zero point is an
+initializer of the body and then refuses the model.
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ class QuantizeBodies(ir.passes.InPlacePass):
                 passes.append(QuantizeBias(("Conv", "Gemm")))
             passes.append(Cleanup(drop_data_movement=self.rules.drop_data_movement_pairs))
             body.graph.meta[OUTER_NAMES] = model_names(model)
+            own = set(body.graph.initializers)
             try:
                 ir.passes.PassManager(passes)(body_model(model, body.graph))
             finally:
                 del body.graph.meta[OUTER_NAMES]
+            for name in set(body.graph.initializers) - own:  # scales, zero points, int32 biases
+                model.graph.register_initializer(body.graph.initializers.pop(name))
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)  # outer float weights and biases now read by no body
