@@ -9,10 +9,19 @@ real models.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 BRANCH_INPUT = "use_cache_branch"
+
+
+def branch_feed(feed: dict[str, Any], index: int) -> dict[str, Any]:
+    """``feed`` plus the branch flag of a merged model: an even ``index`` runs the then branch, an odd
+    one the else branch, so a run over numbered samples sends half through each."""
+    return {**feed, BRANCH_INPUT: np.array([index % 2 == 0])}
 
 
 def merge_into_if(model: onnx.ModelProto) -> onnx.ModelProto:

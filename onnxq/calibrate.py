@@ -490,8 +490,9 @@ def calibrate(
                 extremes[tensor] = (float(named[lo]), float(named[hi]))
                 minmax[tensor].update(*extremes[tensor])
             for key, (lo, hi) in body_names.items():
-                if lo in named and float(named[lo]) <= float(named[hi]):  # else not run: +inf/-inf
-                    body_minmax[key].update(float(named[lo]), float(named[hi]))
+                low, high = (float(named[lo]), float(named[hi])) if lo in named else (1.0, 0.0)
+                if low <= high:  # a branch that did not run gives +inf/-inf
+                    body_minmax[key].update(low, high)
             for tensor, (lo, hi, sq, shape) in channel_names.items():
                 if lo in named and named[lo].size:
                     rows = int(np.prod(named[shape][:-1]))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import onnxq
-from models.merged import BRANCH_INPUT
+from models.merged import BRANCH_INPUT, branch_feed
 from onnxq.config import Codebook, Dynamic, PerTensor, QuantConfig, QuantSpec
 from tests.fuzz_graphs import graphs
 
@@ -63,8 +63,8 @@ def test_onnxq_answers_every_graph(case, config, poison, samples, tmp_path_facto
     onnx.checker.check_model(model, full_check=True)  # the generator only builds valid models
     branched = any(i.name == BRANCH_INPUT for i in model.graph.input)
     feeds = [{"x": x * (i + 1)} for i in range(samples)]
-    for i, feed in enumerate(feeds if branched else []):
-        feed[BRANCH_INPUT] = np.array([i % 2 == 0])
+    if branched:
+        feeds = [branch_feed(feed, i) for i, feed in enumerate(feeds)]
     if poison == 0:
         feeds[0]["x"] = np.full_like(x, np.nan)
     folder = tmp_path_factory.mktemp("fuzz")
@@ -83,5 +83,5 @@ def test_onnxq_answers_every_graph(case, config, poison, samples, tmp_path_facto
     assert poison != 0, "NaN calibration data must be refused"
     onnx.checker.check_model(str(output), full_check=True)
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-    (out, *_) = session.run(None, {"x": x, **({BRANCH_INPUT: np.array([True])} if branched else {})})
+    (out, *_) = session.run(None, branch_feed({"x": x}, 0) if branched else {"x": x})
     assert out is not None

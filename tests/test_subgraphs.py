@@ -4,6 +4,7 @@ decoder exports merge their with-past and without-past graphs (one If, weights s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -195,31 +196,45 @@ def test_a_body_that_never_ran_stays_float_and_says_why(tmp_path) -> None:
     assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 1e-6
 
 
-def test_weight_shared_by_both_branches_is_stored_once(tmp_path) -> None:
-    """An If whose two branches read the same outer weight (a merged decoder's layout): one int8
-    copy in the main graph, both branches quantized and fused."""
+def _branched_model(
+    path: Path,
+    branch: Callable[[str, str], list[onnx.NodeProto]],
+    x_shape: list[int],
+    y_shape: list[int],
+    weights: dict[str, np.ndarray],
+) -> list[dict[str, np.ndarray]]:
+    """``y = If(flag, then, else)`` saved at ``path``, ``branch(key, out)`` giving the nodes of each
+    branch (ending in ``out``), weights in the main graph; returns 4 feeds alternating branches."""
     branches = {
-        key: helper.make_graph(
-            [
-                helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
-                helper.make_node(op, [f"{key}_m"], [out], name=f"{key}_act"),
-            ],
-            key,
-            [],
-            [tensor_info(out, shape=[4, H])],
-        )
-        for key, op, out in (("then_branch", "Relu", "t"), ("else_branch", "Tanh", "e"))
+        key: helper.make_graph(branch(key, out), key, [], [tensor_info(out, shape=y_shape)])
+        for key, out in (("then_branch", "t"), ("else_branch", "e"))
     }
     model = make_model(
         [helper.make_node("If", ["flag"], ["y"], name="merged", **branches)],
-        [tensor_info("x", shape=[4, H]), tensor_info("flag", TensorProto.BOOL, [])],
-        [tensor_info("y", shape=[4, H])],
+        [tensor_info("x", shape=x_shape), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=y_shape)],
+        weights,
+    )
+    onnx.save(model, path)
+    return [
+        {"x": RNG.normal(size=x_shape).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
+    ]
+
+
+def test_weight_shared_by_both_branches_is_stored_once(tmp_path) -> None:
+    """An If whose two branches read the same outer weight (a merged decoder's layout): one int8
+    copy in the main graph, both branches quantized and fused."""
+    activation = {"then_branch": "Relu", "else_branch": "Tanh"}
+    feeds = _branched_model(
+        tmp_path / "m.onnx",
+        lambda key, out: [
+            helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
+            helper.make_node(activation[key], [f"{key}_m"], [out], name=f"{key}_act"),
+        ],
+        [4, H],
+        [4, H],
         _weights("W"),
     )
-    onnx.save(model, tmp_path / "m.onnx")
-    feeds = [
-        {"x": RNG.normal(size=(4, H)).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
-    ]
     result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
     assert result.summary.quantized_nodes == {"MatMul": 2}
     written = onnx.load(str(tmp_path / "q.onnx"))
@@ -239,12 +254,12 @@ def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
     their with-past and without-past graphs: every MatMul of both branches is quantized and fused
     by ORT, the int8 weights are stored once (as many bytes as the plain model's), and both branches
     are as close to fp32 as the plain model's quantization is."""
-    from models.merged import BRANCH_INPUT, merge_into_if
+    from models.merged import branch_feed, merge_into_if
 
     plain = model_path("tiny-llama")
     onnx.save(merge_into_if(onnx.load(str(plain))), tmp_path / "merged.onnx")
     feeds = calib_feeds("tiny-llama", 8)
-    merged_feeds = [{**f, BRANCH_INPUT: np.array([i % 2 == 0])} for i, f in enumerate(feeds)]
+    merged_feeds = [branch_feed(f, i) for i, f in enumerate(feeds)]
     base = onnxq.quantize(plain, feeds, output=tmp_path / "plain_q.onnx", progress=False)
     result = onnxq.quantize(
         tmp_path / "merged.onnx", merged_feeds, output=tmp_path / "merged_q.onnx", progress=False
@@ -265,7 +280,7 @@ def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
     written = onnx.load(str(tmp_path / "merged_q.onnx"))
     assert not [t for t in written.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2]
 
-    held_out = [{**f, BRANCH_INPUT: np.array([flag])} for f in feeds[:2] for flag in (True, False)]
+    held_out = [branch_feed(f, i) for f in feeds[:2] for i in (0, 1)]
     assert _relative_error(tmp_path / "merged.onnx", tmp_path / "merged_q.onnx", held_out) < 0.1
     fused = _optimized_ops(tmp_path / "plain_q.onnx")["main"].count("MatMulIntegerToFloat")
     optimized = _optimized_ops(tmp_path / "merged_q.onnx")
@@ -277,28 +292,16 @@ def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
 def test_constants_folded_inside_branches_are_stored_once(tmp_path) -> None:
     """Both branches read ``Transpose(W)`` (a tied embedding's lm_head in a merged decoder): the
     folded weight moves to the main graph once, so the quantized file holds one int8 copy."""
-    branches = {
-        key: helper.make_graph(
-            [
-                helper.make_node("Transpose", ["W"], [f"{key}_wt"], name=f"{key}_transpose", perm=[1, 0]),
-                helper.make_node("MatMul", ["x", f"{key}_wt"], [out], name=f"{key}_mm"),
-            ],
-            key,
-            [],
-            [tensor_info(out, shape=[4, H])],
-        )
-        for key, out in (("then_branch", "t"), ("else_branch", "e"))
-    }
-    model = make_model(
-        [helper.make_node("If", ["flag"], ["y"], name="merged", **branches)],
-        [tensor_info("x", shape=[4, H]), tensor_info("flag", TensorProto.BOOL, [])],
-        [tensor_info("y", shape=[4, H])],
+    feeds = _branched_model(
+        tmp_path / "m.onnx",
+        lambda key, out: [
+            helper.make_node("Transpose", ["W"], [f"{key}_wt"], name=f"{key}_transpose", perm=[1, 0]),
+            helper.make_node("MatMul", ["x", f"{key}_wt"], [out], name=f"{key}_mm"),
+        ],
+        [4, H],
+        [4, H],
         _weights("W"),
     )
-    onnx.save(model, tmp_path / "m.onnx")
-    feeds = [
-        {"x": RNG.normal(size=(4, H)).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
-    ]
     result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
     assert result.summary.quantized_nodes == {"MatMul": 2}
     written = onnx.load(str(tmp_path / "q.onnx"))
@@ -314,29 +317,16 @@ def test_quantized_branch_with_matmul_add_loads_in_ort(target, tmp_path) -> None
     """A branch computing ``x[1,1,6,6] @ W + b``: ORT rewrites MatMul+Add into Gemm inside the body,
     which mistyped the QuantizeLinear when its zero point was a body initializer and refused the
     model (found by the fuzzer); onnxq keeps those in the main graph, so the model loads and runs."""
-    branches = {
-        key: helper.make_graph(
-            [
-                helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
-                helper.make_node("Add", [f"{key}_m", "b"], [out], name=f"{key}_add"),
-            ],
-            key,
-            [],
-            [tensor_info(out, shape=[1, 1, 6, 1])],
-        )
-        for key, out in (("then_branch", "t"), ("else_branch", "e"))
-    }
-    model = make_model(
-        [helper.make_node("If", ["flag"], ["y"], name="merged", **branches)],
-        [tensor_info("x", shape=[1, 1, 6, 6]), tensor_info("flag", TensorProto.BOOL, [])],
-        [tensor_info("y", shape=[1, 1, 6, 1])],
+    feeds = _branched_model(
+        tmp_path / "m.onnx",
+        lambda key, out: [
+            helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
+            helper.make_node("Add", [f"{key}_m", "b"], [out], name=f"{key}_add"),
+        ],
+        [1, 1, 6, 6],
+        [1, 1, 6, 1],
         {"W": RNG.normal(size=(6, 1)).astype(np.float32), "b": RNG.normal(size=1).astype(np.float32)},
     )
-    onnx.save(model, tmp_path / "m.onnx")
-    feeds = [
-        {"x": RNG.normal(size=(1, 1, 6, 6)).astype(np.float32), "flag": np.array(i % 2 == 0)}
-        for i in range(4)
-    ]
     config = onnxq.QuantConfig(target=target)
     result = onnxq.quantize(
         tmp_path / "m.onnx", feeds, config=config, output=tmp_path / "q.onnx", progress=False

@@ -330,9 +330,9 @@ def session(path: Path, threads: int) -> Any:
 def _select(feed: Feed, sess: Any, index: int = 0) -> Feed:
     """``feed`` restricted to the session's inputs; a merged model (``--merged``) gets the branch
     flag too, alternating with ``index`` so half of the evaluation goes through each branch."""
-    from models.merged import BRANCH_INPUT
+    from models.merged import branch_feed
 
-    full = {**feed, BRANCH_INPUT: np.array([index % 2 == 0])}
+    full = branch_feed(feed, index)
     return {i.name: full[i.name] for i in sess.get_inputs()}
 
 
@@ -719,14 +719,14 @@ def _merged(fp32: Path, calib: list[Feed], folder: Path) -> tuple[Path, list[Fee
     flag, alternating so half of the samples calibrate each branch."""
     import onnx
 
-    from models.merged import BRANCH_INPUT, merge_into_if
+    from models.merged import branch_feed, merge_into_if
 
     merged = folder / "merged" / "model.onnx"
     merged.parent.mkdir()
     onnx.save(
         merge_into_if(onnx.load(str(fp32))), merged, save_as_external_data=True, location="model.onnx.data"
     )
-    return merged, [{**f, BRANCH_INPUT: np.array([i % 2 == 0])} for i, f in enumerate(calib)]
+    return merged, [branch_feed(f, i) for i, f in enumerate(calib)]
 
 
 def run_model(name: str, args: argparse.Namespace, chosen: list[Contender]) -> ModelResult:

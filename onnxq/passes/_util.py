@@ -14,13 +14,13 @@ import onnx_ir as ir
 OUTER_NAMES = "onnxq.outer_names"
 
 
-def model_names(model: ir.Model) -> set[str]:
-    """Every value and node name in ``model``, bodies included."""
+def names_in(graph: ir.Graph) -> set[str]:
+    """Every value and node name in ``graph`` and in the bodies its nodes hold."""
     taken: set[str] = set()
-    for graph in model.graphs():
-        taken.update(v.name for v in graph.inputs if v.name)
-        taken.update(graph.initializers)
-        for node in graph:
+    for g in (graph, *graph.subgraphs()):
+        taken.update(v.name for v in g.inputs if v.name)
+        taken.update(g.initializers)
+        for node in g:
             if node.name:
                 taken.add(node.name)
             taken.update(v.name for v in node.outputs if v.name)
@@ -32,13 +32,7 @@ class Namer:
     body rewritten on its own, anywhere in its model: ``graph.meta[OUTER_NAMES]``)."""
 
     def __init__(self, graph: ir.Graph) -> None:
-        self.taken: set[str] = {v.name for v in graph.inputs if v.name}
-        self.taken.update(graph.meta.get(OUTER_NAMES, ()))
-        self.taken.update(graph.initializers)
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            if node.name:
-                self.taken.add(node.name)
-            self.taken.update(v.name for v in node.outputs if v.name)
+        self.taken = names_in(graph) | set(graph.meta.get(OUTER_NAMES, ()))
 
     def __call__(self, base: str) -> str:
         name = base

@@ -58,12 +58,8 @@ class InsertQDQ(ir.passes.InPlacePass):
         namer = Namer(graph)
         values = {v.name: v for v in graph.inputs}
         values.update(graph.initializers)
-        for node in graph:
-            values.update((v.name, v) for v in node.outputs)
-        for node in graph:  # a body's reads from outer scopes (weights, activations)
-            for v in node.inputs:
-                if v is not None:
-                    values.setdefault(v.name, v)
+        for node in graph:  # inputs too: a body's reads from outer scopes (weights, activations)
+            values.update((v.name, v) for v in (*node.inputs, *node.outputs) if v is not None)
         nodes = {n.name: n for n in graph}
         params: dict[str, QParams] = {}
         for key, tensor in self.plan.weights.items():

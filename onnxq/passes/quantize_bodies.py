@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxq.passes._util import OUTER_NAMES, SpillFile, model_names
+from onnxq.passes._util import OUTER_NAMES, SpillFile, names_in
 from onnxq.passes.cleanup import Cleanup
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
@@ -51,7 +51,7 @@ class QuantizeBodies(ir.passes.InPlacePass):
             if self.rules.quantize_bias:
                 passes.append(QuantizeBias(("Conv", "Gemm")))
             passes.append(Cleanup(drop_data_movement=self.rules.drop_data_movement_pairs))
-            body.graph.meta[OUTER_NAMES] = model_names(model)
+            body.graph.meta[OUTER_NAMES] = names_in(model.graph)
             own = set(body.graph.initializers)
             try:
                 ir.passes.PassManager(passes)(body_model(model, body.graph))
