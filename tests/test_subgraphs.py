@@ -4,6 +4,7 @@ decoder exports merge their with-past and without-past graphs (one If, weights s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -333,3 +334,32 @@ def test_quantized_branch_with_matmul_add_loads_in_ort(target, tmp_path) -> None
     )
     assert result.summary.quantized_nodes["MatMul"] == 2
     assert _relative_error(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds) < 0.05
+
+
+def test_merged_model_bytes_do_not_depend_on_the_hash_seed(model_path, calib_feeds, tmp_path) -> None:
+    """Identical inputs give identical bytes across processes too: the names made for the bodies
+    leave them in a fixed order (string hashing differs from one interpreter to the next)."""
+    import subprocess
+    import sys
+
+    from models.merged import branch_feed, merge_into_if
+
+    onnx.save(merge_into_if(onnx.load(str(model_path("tiny-llama")))), tmp_path / "merged.onnx")
+    feeds = [branch_feed(f, i) for i, f in enumerate(calib_feeds("tiny-llama", 4))]
+    np.savez(tmp_path / "calib.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"q{seed}.onnx"
+        model, calib = str(tmp_path / "merged.onnx"), str(tmp_path / "calib.npz")
+        code = (
+            f"import numpy as np, onnxq; data = np.load({calib!r}); "
+            "feeds = [{k: data[k][i] for k in data.files} for i in range(len(data['input_ids']))]; "
+            f"onnxq.quantize({model!r}, feeds, output={str(out)!r}, progress=False)"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=tmp_path, timeout=300, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]

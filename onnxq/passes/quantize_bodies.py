@@ -57,7 +57,8 @@ class QuantizeBodies(ir.passes.InPlacePass):
                 ir.passes.PassManager(passes)(body_model(model, body.graph))
             finally:
                 del body.graph.meta[OUTER_NAMES]
-            for name in set(body.graph.initializers) - own:  # scales, zero points, int32 biases
+            made = [name for name in body.graph.initializers if name not in own]  # in order: same bytes
+            for name in made:  # scales, zero points, int32 biases
                 model.graph.register_initializer(body.graph.initializers.pop(name))
             modified = True
         if modified:
