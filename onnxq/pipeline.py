@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from onnxq.passes.fold_batchnorm import FoldBatchNorm
 from onnxq.passes.fold_constants import FoldConstants
 from onnxq.passes.fuse_gelu import FuseGelu
 from onnxq.passes.hoist_constants import HoistBodyConstants
+from onnxq.passes.implicit_zero_points import ImplicitZeroPoints
 from onnxq.passes.infer_shapes import InferShapes
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
@@ -119,7 +120,8 @@ def rewrite_passes(
     """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth), as
     the target's ``rules`` say (int32 biases or not, pairs around data movement kept or not);
     ``bias_correction`` corrects float biases between Q/DQ insertion and weight pre-quantization.
-    The plan's If/Loop/Scan bodies are rewritten last, with ``body_ranges``."""
+    The plan's If/Loop/Scan bodies are rewritten last, with ``body_ranges``; then int8 activation
+    zero points become implicit at opset ≥ 21 (:mod:`onnxq.passes.implicit_zero_points`)."""
     passes: list[ir.passes.PassBase] = [smoothing] if smoothing is not None else []
     passes.append(InsertQDQ(plan, ranges))
     if bias_correction is not None:
@@ -131,6 +133,7 @@ def rewrite_passes(
     passes.append(Cleanup(drop_data_movement=rules.drop_data_movement_pairs))
     if plan.bodies:
         passes.append(QuantizeBodies(plan.bodies, body_ranges or {}, rules))
+    passes.append(ImplicitZeroPoints())
     return ir.passes.PassManager(passes)
 
 
@@ -282,13 +285,22 @@ def measure_fidelity(
     runner = SegmentRunner(proto, segment_opener(folder))
     del proto
     errors: dict[str, metrics.RunningError] = {}
-    for index, outputs in runner.run(inputs):
-        sample, ref = inputs[index], references[index]
-        for name, value in outputs.items():
-            if name in ref and np.issubdtype(value.dtype, np.floating):  # folded at once: logits are large
-                errors.setdefault(name, metrics.RunningError()).fold(
-                    _real_positions(sample, ref[name]), _real_positions(sample, value)
-                )
+    try:
+        for index, outputs in runner.run(inputs):
+            sample, ref = inputs[index], references[index]
+            # each output is folded at once: logits are large
+            for name, value in outputs.items():
+                if name in ref and np.issubdtype(value.dtype, np.floating):
+                    errors.setdefault(name, metrics.RunningError()).fold(
+                        _real_positions(sample, ref[name]), _real_positions(sample, value)
+                    )
+    except OnnxqError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(
+            f"ONNX Runtime's CPU EP cannot run the quantized model ({_root_cause(exc).rstrip('.')}); "
+            "nothing was written: exclude the nodes involved from quantization (--exclude) or report it"
+        ) from None
     names = [o.name for o in runner.model.graph.output]
     result = [
         OutputFidelity(n, errors[n].cosine(), errors[n].sqnr_db(), errors[n].max_err)
@@ -296,6 +308,23 @@ def measure_fidelity(
         if n in errors
     ]
     return tuple(result)
+
+
+class VerifiedSave:
+    """``save_model``'s check of the written file before it is renamed into place: the full
+    ``onnx.checker`` check, then, with ``inputs``, the fidelity check on ORT's CPU EP (kept in
+    ``fidelity``). A model that fails either is never left at the output."""
+
+    def __init__(
+        self, inputs: Sequence[Sample] = (), references: Sequence[dict[str, np.ndarray]] = ()
+    ) -> None:
+        self.inputs, self.references = list(inputs), list(references)
+        self.fidelity: tuple[OutputFidelity, ...] = ()
+
+    def __call__(self, path: Path) -> None:
+        check_model_file(path)
+        if self.inputs:
+            self.fidelity = measure_fidelity(path, self.inputs, self.references)
 
 
 def quantize(
@@ -368,16 +397,13 @@ def quantize(
         if output_path is not None:
             if spill is not None:
                 spill.close()
-            save_model(ir_model, output_path, verify=check_model_file, release=True)
-            size_after = _file_size(output_path)
+            verify = VerifiedSave(calibration.kept_inputs, calibration.kept_outputs)
+            save_model(ir_model, output_path, verify=verify, release=True)
+            size_after, fidelity = _file_size(output_path), verify.fidelity
         else:
             _check_in_memory(ir_model)
             size_after = ir.to_proto(ir_model).ByteSize()
-    fidelity = (
-        measure_fidelity(ir_model, calibration.kept_inputs, calibration.kept_outputs)
-        if config.fidelity
-        else ()
-    )
+            fidelity = measure_fidelity(ir_model, calibration.kept_inputs, calibration.kept_outputs)
     in_bodies = sum(n.quantized for b in plan.bodies for n in b.plan.nodes.values())
     if in_bodies and not dynamic and not isinstance(config.calibration, MinMax):
         notes.append(

@@ -164,15 +164,16 @@ def quantize_weight_only(
     ir_model.producer_name, ir_model.producer_version = "onnxq", pipeline._version()
     if output is not None:
         wo.spill.close()  # type: ignore[union-attr]
+        verify = pipeline.VerifiedSave(*references)
         try:  # the spilled weights are pointed at their bytes in the saved file
-            save_model(ir_model, output, verify=pipeline.check_model_file, repoint_from=[wo.spill.path])  # type: ignore[union-attr]
+            save_model(ir_model, output, verify=verify, repoint_from=[wo.spill.path])  # type: ignore[union-attr]
         finally:
             spill_dir.cleanup()  # type: ignore[union-attr]
-        size_after = pipeline._file_size(output)
+        size_after, fidelity = pipeline._file_size(output), verify.fidelity
     else:
         pipeline._check_in_memory(ir_model)
         size_after = ir.to_proto(ir_model).ByteSize()
-    fidelity = pipeline.measure_fidelity(output or ir_model, *references) if references[0] else ()
+        fidelity = pipeline.measure_fidelity(ir_model, *references) if references[0] else ()
     notes = [f"weight-only: {describe(config)}; largest float weight {wo.largest_weight / 1e6:.1f} MB"]
     notes += extra_notes
     summary = QuantizationSummary(

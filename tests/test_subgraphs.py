@@ -363,3 +363,35 @@ def test_merged_model_bytes_do_not_depend_on_the_hash_seed(model_path, calib_fee
         assert run.returncode == 0, run.stderr[-2000:]
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_static_shape_target_keeps_the_rank_of_an_if_output(tmp_path) -> None:
+    """A target that fixes shapes (qnn) forgets symbolic dimensions and infers them again; an If
+    output whose branches give no shape keeps its rank (a model output needs a shape)."""
+    feeds = _branched_model(
+        tmp_path / "m.onnx",
+        lambda key, out: [
+            helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
+            helper.make_node("Unsqueeze", [f"{key}_m", "axes"], [f"{key}_u"], name=f"{key}_unsq"),
+            helper.make_node("Transpose", [f"{key}_u"], [f"{key}_t"], perm=[0, 1, 3, 2], name=f"{key}_tr"),
+            helper.make_node("MatMul", [f"{key}_u", f"{key}_t"], [out], name=f"{key}_att"),
+        ],
+        [1, 4, H],
+        ["a", "b", "c", "d"],
+        {**_weights("W"), "axes": np.array([0], np.int64)},
+    )
+    result = onnxq.quantize(
+        tmp_path / "m.onnx",
+        feeds,
+        config=onnxq.QuantConfig(target="qnn"),
+        output=tmp_path / "q.onnx",
+        progress=False,
+    )
+    written = onnx.load(tmp_path / "q.onnx")
+    assert len(written.graph.output[0].type.tensor_type.shape.dim) == 4
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        want, got = fp32.run(None, feed)[0], session.run(None, feed)[0]
+        assert got.shape == want.shape == (1, 1, 4, 4)
+    assert result.summary.fidelity[0].cosine > 0.99

@@ -22,7 +22,7 @@ from onnxq import QuantConfig
 from onnxq.config import PRESETS, TARGETS, PerChannel, PerTensor, QuantSpec, SmoothQuant
 from onnxq.errors import ConfigError
 from onnxq.plan import COMPUTE_OPS
-from tests.helpers import make_model, tensor_info
+from tests.helpers import get_attr, make_model, run, tensor_info
 
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -379,6 +379,60 @@ def test_minilm_compute_input_targets(tmp_path, minilm, target, act) -> None:
     producers, _ = _nodes(model)
     assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in matmuls)
     assert result.summary.fidelity[0].cosine > 0.99
+
+
+def _linear_3d(opset: int) -> onnx.ModelProto:
+    """A static-shape Linear layer on a 3-D input: ORT's CPU EP turns it into Reshape → Gemm."""
+    rng = np.random.default_rng(3)
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        [tensor_info("x", shape=[1, 8, 16])],
+        [tensor_info("y", shape=[1, 8, 32])],
+        {"w": rng.normal(size=(16, 32)).astype(np.float32), "b": rng.normal(size=32).astype(np.float32)},
+        opset=opset,
+    )
+
+
+@pytest.mark.parametrize("opset", [17, 21, 22])
+def test_int8_activations_at_any_opset_load_on_the_cpu_ep(tmp_path, opset) -> None:
+    """int8 activation pairs at opset >= 21 carry output_dtype instead of a zero point of 0: ORT's
+    CPU EP cannot load the same model with the zero point (its S8->U8 rewrite of a moved pair)."""
+    model = _linear_3d(opset)
+    rng = np.random.default_rng(4)
+    data = [rng.normal(size=(1, 8, 16)).astype(np.float32) for _ in range(8)]
+    result = _quantize(model, data, "tensorrt", tmp_path / "q.onnx")
+    quantized = onnx.load(result.output_path)
+    q = next(n for n in quantized.graph.node if n.op_type == "QuantizeLinear")
+    dqs = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]
+    if opset >= 21:
+        assert len(q.input) == 2 and get_attr(q, "output_dtype") == TensorProto.INT8
+        assert dqs and all(len(dq.input) == 2 for dq in dqs)
+        assert not any(i.name.startswith("x_zero_point") for i in quantized.graph.initializer)
+    else:
+        assert len(q.input) == 3 and _inits(quantized)[q.input[2]].dtype == np.int8
+    x = data[0] * 0.9  # inside the calibrated range
+    (expected,) = run(model, {"x": x})
+    (got,) = run(quantized, {"x": x})  # ORT's default (full) optimizations
+    assert np.abs(got - expected).max() < 0.03 * np.abs(expected).max()
+    assert result.summary.fidelity[0].cosine > 0.999
+
+
+def test_a_model_ort_cannot_run_is_an_error_and_nothing_is_written(tmp_path, monkeypatch) -> None:
+    from onnxq import pipeline
+
+    def refusing_opener(folder):
+        def open_session(data, prepack):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (n) Op (QuantizeLinear) refused.")
+
+        return open_session
+
+    monkeypatch.setattr(pipeline, "segment_opener", refusing_opener)  # the fidelity check's sessions
+    output = tmp_path / "q.onnx"
+    with pytest.raises(
+        onnxq.QuantizationError, match=r"CPU EP cannot run the quantized model .*nothing was written"
+    ):
+        _quantize(_linear_3d(17), [np.ones((1, 8, 16), np.float32)], "cpu", output)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the passes the qnn target adds -----------------------------------------------------------------

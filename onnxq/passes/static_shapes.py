@@ -55,7 +55,10 @@ class RefreshShapes(ir.passes.InPlacePass):
 
 
 def _clear_symbolic(graph: ir.Graph) -> None:
+    """Symbolic dimensions forgotten; a graph output (of the model or of a body) keeps its rank, with
+    unknown dimensions, since a model output needs a shape and inference cannot always give one
+    back (an If whose branches' shapes are unknown)."""
     for node in ir.traversal.RecursiveGraphIterator(graph):
         for out in node.outputs:
             if out.shape is not None and any(not isinstance(d, int) for d in out.shape):
-                out.shape = None
+                out.shape = ir.Shape([None] * len(out.shape)) if out.is_graph_output() else None

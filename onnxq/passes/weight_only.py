@@ -190,8 +190,19 @@ def _matmul_nbits(
 
 
 def _first_use(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    order = {id(n): i for i, n in enumerate(graph)}
-    return min(nodes, key=lambda n: order[id(n)])
+    """The first node of ``graph`` that is one of ``nodes`` or holds one in its If/Loop/Scan bodies
+    (new nodes go before it, so they run before every reader)."""
+    wanted = {id(n) for n in nodes}
+    for top in graph:
+        inner = (
+            n
+            for attr in top.attributes.values()
+            if attr.type == ir.AttributeType.GRAPH
+            for n in ir.traversal.RecursiveGraphIterator(attr.as_graph())
+        )
+        if id(top) in wanted or any(id(n) in wanted for n in inner):
+            return top
+    raise ValueError(f"none of {[n.name for n in nodes]} is in graph {graph.name}")
 
 
 class WeightOnlyQuantize(ir.passes.InPlacePass):
