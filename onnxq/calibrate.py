@@ -31,7 +31,7 @@ from onnxq.data import Sample
 from onnxq.errors import CalibrationDataError
 from onnxq.qmath import int_type
 from onnxq.segments import SampleFailed, SegmentRunner
-from onnxq.subgraph_calibration import expose_ranges
+from onnxq.subgraph_calibration import expose_statistics
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,8 @@ class CalibrationResult:
     kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     # id of an If/Loop/Scan body graph → its values' MinMax ranges (onnxq.subgraph_calibration).
     body_ranges: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    # id of a body graph → per-channel statistics of its values (``body_channels`` of calibrate).
+    body_channels: dict[int, dict[str, ChannelStats]] = field(default_factory=dict)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -420,6 +422,7 @@ def calibrate(
     means: Mapping[str, int] | None = None,
     segment_bytes: int | None = None,
     bodies: Mapping[int, Sequence[str]] | None = None,
+    body_channels: Mapping[int, Sequence[tuple[str, int]]] | None = None,
 ) -> CalibrationResult:
     """Run ``samples`` through the fp32 model and return the calibrated range of each of ``tensors``.
 
@@ -431,7 +434,8 @@ def calibrate(
     of weights (default :data:`onnxq.segments.SEGMENT_BYTES`) runs segment by segment
     (:mod:`onnxq.segments`): one segment's weights in memory at a time. ``bodies``: id of an
     If/Loop/Scan body graph → values inside it whose MinMax range is wanted too
-    (``result.body_ranges``; :mod:`onnxq.subgraph_calibration`).
+    (``result.body_ranges``; :mod:`onnxq.subgraph_calibration`); ``body_channels``: body id →
+    ``(value, channels)`` whose per-channel statistics are wanted (``result.body_channels``).
     """
     methods = {name: spec.calibration or method for name, spec in tensors.items()}
     minmax = {
@@ -444,13 +448,15 @@ def calibrate(
     augment = _Augment(model, list(tensors), hists, channels, means)
     with augment as reduce_names:
         proto, folder = proto_for_ort(model)
-    body_names = expose_ranges(model, proto, bodies or {})
+    body_names, body_channel_names = expose_statistics(model, proto, bodies or {}, body_channels)
     body_minmax = {key: MinMaxObserver() for key in body_names}
     channel_names = augment.channel_names
 
     runner = SegmentRunner(proto, segment_opener(folder, refuse_as_calibration=True), segment_bytes)
     del proto
     result = CalibrationResult({}, 0, {name: ChannelStats() for name in channel_names})
+    for body, name in body_channel_names:
+        result.body_channels.setdefault(body, {})[name] = ChannelStats()
     result.means = {name: ChannelMean() for name in augment.mean_names}
     kept: dict[int, dict[str, np.ndarray]] = {}
     kept_inputs: list[Sample] = []
@@ -493,6 +499,11 @@ def calibrate(
                 low, high = (float(named[lo]), float(named[hi])) if lo in named else (1.0, 0.0)
                 if low <= high:  # a branch that did not run gives +inf/-inf
                     body_minmax[key].update(low, high)
+            for (body, tensor), (lo, hi, sq, size) in body_channel_names.items():
+                count = int(named[size]) if size in named else 0
+                if count:  # zero: the branch or loop did not run for this sample
+                    stats = result.body_channels[body][tensor]
+                    stats.update(named[lo], named[hi], named[sq], count // named[lo].size)
             for tensor, (lo, hi, sq, shape) in channel_names.items():
                 if lo in named and named[lo].size:
                     rows = int(np.prod(named[shape][:-1]))

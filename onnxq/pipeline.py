@@ -53,10 +53,19 @@ from onnxq.passes.hoist_constants import HoistBodyConstants
 from onnxq.passes.implicit_zero_points import ImplicitZeroPoints
 from onnxq.passes.infer_shapes import InferShapes
 from onnxq.passes.insert_qdq import InsertQDQ
+from onnxq.passes.name_body_nodes import NameBodyNodes
 from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
 from onnxq.passes.quantize_bodies import QuantizeBodies
-from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
+from onnxq.passes.smooth import (
+    BodyCandidate,
+    SmoothActivations,
+    SmoothBodies,
+    choose_body_scales,
+    choose_scales,
+    find_body_candidates,
+    find_candidates,
+)
 from onnxq.passes.static_shapes import FixInputShapes, RefreshShapes
 from onnxq.passes.upcast_half import UpcastHalf
 from onnxq.passes.upgrade_opset import MIN_OPSET, OPSET_16BIT, UpgradeOpset
@@ -103,6 +112,7 @@ def prepare_passes(
             FoldBatchNorm(),
             EliminateIdentity(),
             RemoveUnusedNodesPass(),
+            NameBodyNodes(),
             NameFixPass(),
             InferShapes(),
         ]
@@ -116,13 +126,17 @@ def rewrite_passes(
     rules: TargetRules = RULES["cpu"],
     bias_correction: CorrectBias | None = None,
     body_ranges: dict[int, dict[str, tuple[float, float]]] | None = None,
+    body_smoothing: SmoothBodies | None = None,
 ) -> ir.passes.PassManager:
-    """Passes that apply a calibrated plan (SmoothQuant first, when it has anything to smooth), as
+    """Passes that apply a calibrated plan (SmoothQuant first, in the main graph then in the bodies,
+    when it has anything to smooth), as
     the target's ``rules`` say (int32 biases or not, pairs around data movement kept or not);
     ``bias_correction`` corrects float biases between Q/DQ insertion and weight pre-quantization.
     The plan's If/Loop/Scan bodies are rewritten last, with ``body_ranges``; then int8 activation
     zero points become implicit at opset ≥ 21 (:mod:`onnxq.passes.implicit_zero_points`)."""
     passes: list[ir.passes.PassBase] = [smoothing] if smoothing is not None else []
+    if body_smoothing is not None:
+        passes.append(body_smoothing)
     passes.append(InsertQDQ(plan, ranges))
     if bias_correction is not None:
         passes.append(bias_correction)
@@ -452,6 +466,7 @@ def _calibrated_rewrite(
     """The static path: plan, calibrate (with SmoothQuant's statistics), and the rewrite to apply."""
     plan = make_plan(ir_model, config)
     candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
+    in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
     bc = config.bias_correction
     bc_stats = BiasStatistics(ir_model, plan, bc) if bc is not None else None  # removed after calibration
     calibration = calibrate(
@@ -465,6 +480,7 @@ def _calibrated_rewrite(
         channels=candidates,
         means=bc_stats.tensors if bc_stats is not None else None,
         bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
+        body_channels=_body_channels(in_bodies),
     )
     if bc_stats is not None:
         bc_stats.remove()
@@ -474,11 +490,33 @@ def _calibrated_rewrite(
         else {}
     )
     smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
+    body_scales = (
+        choose_body_scales(in_bodies, calibration.body_channels, config.smoothing)
+        if config.smoothing is not None
+        else {}
+    )
+    body_smoothing = SmoothBodies(in_bodies, body_scales, calibration.body_channels, calibration.body_ranges)
     correct = CorrectBias(bc, bc_stats.inputs, calibration.means) if bc_stats is not None else None
     rewrite = rewrite_passes(
-        plan, calibration.ranges, smoothing, RULES[config.target], correct, calibration.body_ranges
+        plan,
+        calibration.ranges,
+        smoothing,
+        RULES[config.target],
+        correct,
+        calibration.body_ranges,
+        body_smoothing,
     )
-    return plan, calibration, scales, rewrite
+    return plan, calibration, {**scales, **body_scales}, rewrite
+
+
+def _body_channels(candidates: dict[str, BodyCandidate]) -> dict[int, list[tuple[str, int]]]:
+    """Body id → ``(activation, channels)`` whose per-channel statistics SmoothQuant needs."""
+    wanted: dict[int, list[tuple[str, int]]] = {}
+    for cand in candidates.values():
+        k = cand.weights[0].const_value.shape[0]  # type: ignore[union-attr]
+        for m in cand.members:
+            wanted.setdefault(id(m.body.graph), []).append((m.name, k))
+    return wanted
 
 
 def check_model_file(path: Path) -> None:

@@ -1,13 +1,14 @@
-"""Calibration ranges of values computed inside If/Loop/Scan bodies.
+"""Calibration ranges (and SmoothQuant's per-channel statistics) of values inside If/Loop/Scan bodies.
 
 A value inside a body cannot be a model output, so for calibration each wanted body value is
-reduced to its scalar min and max inside the body, and the scalars are carried out, level by level,
-as extra outputs of the body and of the node that owns it:
+reduced inside the body — to its scalar min and max, or, for per-channel statistics, to the min,
+max and sum of squares of each channel (last axis) and its element count — and the results are
+carried out, level by level, as extra outputs of the body and of the node that owns it:
 
 - ``If``: both branches gain the outputs; the branch that does not compute a value returns
-  ``+inf``/``-inf`` for it, which the running min/max ignores;
+  ``+inf``/``-inf`` for mins/maxes and 0 for sums and counts, which the running statistics ignore;
 - ``Loop``/``Scan``: per-iteration scan outputs, reduced again in the graph around the node (a loop
-  that ran zero times gives ``+inf``/``-inf``).
+  that ran zero times gives the same neutral values).
 
 Only the serialized copy handed to ONNX Runtime is edited, never the model being quantized. Body
 values get MinMax ranges whatever the calibration method: histogram methods need whole
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
@@ -27,7 +29,7 @@ from onnx import TensorProto, helper
 # reduction with the node that feeds it (onnxq.segments.split's sidecars).
 PREFIX = "onnxq_body"
 
-Key = tuple[int, str]  # (id of the body graph, value name)
+Key = tuple  # (id of the body graph, value name[, channels])
 
 
 class _Names:
@@ -52,28 +54,73 @@ class _Names:
                 return name
 
 
-def _scalar_info(name: str) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [])
+@dataclass(frozen=True)
+class _Stat:
+    """One reduced statistic: its length (None: a scalar), what a branch that does not compute it
+    returns, and how the per-iteration values of a loop are reduced again."""
+
+    length: int | None
+    neutral: float
+    combine: str  # ReduceMin, ReduceMax or ReduceSum
 
 
-def _reduce_one(graph: onnx.GraphProto, value: str, op: str, names: _Names) -> str:
-    """``op`` (ReduceMin/ReduceMax) of ``value`` over every axis, as a float scalar (an empty
-    tensor gives ±inf)."""
-    reduced, cast = names(op), names(f"{op}_float")
-    graph.node.append(helper.make_node(op, [value], [reduced], name=reduced, keepdims=0))
-    graph.node.append(helper.make_node("Cast", [reduced], [cast], name=cast, to=TensorProto.FLOAT))
-    return cast
+_RANGE = (_Stat(None, float("inf"), "ReduceMin"), _Stat(None, float("-inf"), "ReduceMax"))
 
 
-def _reduce(graph: onnx.GraphProto, value: str, names: _Names) -> tuple[str, str]:
-    """The min and max of ``value`` as float scalars."""
-    return _reduce_one(graph, value, "ReduceMin", names), _reduce_one(graph, value, "ReduceMax", names)
+def _channel_stats(k: int) -> tuple[_Stat, ...]:
+    return (
+        _Stat(k, float("inf"), "ReduceMin"),
+        _Stat(k, float("-inf"), "ReduceMax"),
+        _Stat(k, 0.0, "ReduceSum"),
+        _Stat(None, 0.0, "ReduceSum"),  # element count
+    )
 
 
-def _constant(graph: onnx.GraphProto, number: float, names: _Names) -> str:
-    name = names("bound")
-    graph.node.append(helper.make_node("Constant", [], [name], name=name, value_float=number))
-    return name
+def _info(name: str, stat: _Stat) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, [] if stat.length is None else [stat.length]
+    )
+
+
+class _Builder:
+    """Appends reduction nodes to one serialized graph, with the model's opset rules for axes."""
+
+    def __init__(self, graph: onnx.GraphProto, names: _Names, opset: int) -> None:
+        self.graph, self.names, self.opset = graph, names, opset
+
+    def node(self, op: str, inputs: list[str], hint: str, **attrs: object) -> str:
+        out = self.names(hint)
+        self.graph.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def constant(self, stat: _Stat) -> str:
+        if stat.length is None:
+            return self.node("Constant", [], "bound", value_float=stat.neutral)
+        value = helper.make_tensor("value", TensorProto.FLOAT, [stat.length], [stat.neutral] * stat.length)
+        return self.node("Constant", [], "bound", value=value)
+
+    def to_float(self, value: str) -> str:
+        return self.node("Cast", [value], "float", to=TensorProto.FLOAT)
+
+    def reduce(self, op: str, value: str, axis0: bool) -> str:
+        """``op`` over every axis (a scalar), or over axis 0 only, without keeping dimensions."""
+        if not axis0:
+            return self.node(op, [value], op, keepdims=0)
+        if self.opset >= (13 if op == "ReduceSum" else 18):
+            axes = self.node("Constant", [], "axes", value_ints=[0])
+            return self.node(op, [value, axes], op, keepdims=0)
+        return self.node(op, [value], op, keepdims=0, axes=[0])
+
+    def range_of(self, value: str) -> list[str]:
+        return [self.to_float(self.reduce(op, value, False)) for op in ("ReduceMin", "ReduceMax")]
+
+    def channels_of(self, value: str, k: int) -> list[str]:
+        shape = self.node("Constant", [], "rows_shape", value_ints=[-1, k])
+        rows = self.node("Reshape", [value, shape], "rows")
+        stats = [
+            self.to_float(self.reduce(op, rows, True)) for op in ("ReduceMin", "ReduceMax", "ReduceSumSquare")
+        ]
+        return [*stats, self.to_float(self.node("Size", [value], "size"))]
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
@@ -83,12 +130,21 @@ def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
 def _expose(
     ir_graph: ir.Graph,
     graph: onnx.GraphProto,
-    wanted: Mapping[int, Sequence[str]],
+    wanted: Mapping[int, Sequence[tuple[str, int | None]]],
     names: _Names,
-) -> list[tuple[Key, str, str]]:
-    """Make the min/max scalars of every wanted value of ``ir_graph`` (serialized as ``graph``) and of
-    its bodies values of ``graph``; returns ``(key, min value, max value)`` for each."""
-    found = [((id(ir_graph), v), *_reduce(graph, v, names)) for v in wanted.get(id(ir_graph), ())]
+    opset: int,
+) -> list[tuple[Key, tuple[_Stat, ...], list[str]]]:
+    """Make the statistics of every wanted value of ``ir_graph`` (serialized as ``graph``) and of its
+    bodies values of ``graph``: ``(name, None)`` its range, ``(name, k)`` its per-channel statistics
+    (``k`` channels). Returns ``(key, statistics, value names)`` for each."""
+    build = _Builder(graph, names, opset)
+    found: list[tuple[Key, tuple[_Stat, ...], list[str]]] = []
+    for value, k in wanted.get(id(ir_graph), ()):
+        key = (id(ir_graph), value) if k is None else (id(ir_graph), value, k)
+        if k is None:
+            found.append((key, _RANGE, build.range_of(value)))
+        else:
+            found.append((key, _channel_stats(k), build.channels_of(value, k)))
     original = list(graph.node)[: len(ir_graph)]  # the nodes added above come last
     for ir_node, node in zip(ir_graph, original, strict=True):
         bodies = {
@@ -99,53 +155,72 @@ def _expose(
         if not bodies or node.domain not in ("", "ai.onnx"):
             continue
         inner = {
-            name: _expose(body, _attribute(node, name).g, wanted, names) for name, body in bodies.items()
+            name: _expose(body, _attribute(node, name).g, wanted, names, opset)
+            for name, body in bodies.items()
         }
         if not any(inner.values()):
             continue
         if node.op_type == "If":
-            keys = [key for branch in ("then_branch", "else_branch") for key, _, _ in inner.get(branch, [])]
+            items = {
+                key: stats
+                for branch in ("then_branch", "else_branch")
+                for key, stats, _ in inner.get(branch, [])
+            }
             for branch in ("then_branch", "else_branch"):
                 body = _attribute(node, branch).g
-                own = {key: (lo, hi) for key, lo, hi in inner.get(branch, [])}
-                for key in keys:
-                    lo, hi = own.get(key) or (
-                        _constant(body, float("inf"), names),
-                        _constant(body, float("-inf"), names),
-                    )
-                    body.output.extend([_scalar_info(lo), _scalar_info(hi)])
-            for key in keys:
-                lo, hi = names("if_min"), names("if_max")
-                node.output.extend([lo, hi])
-                found.append((key, lo, hi))
+                own = {key: values for key, _, values in inner.get(branch, [])}
+                filler = _Builder(body, names, opset)
+                for key, stats in items.items():
+                    values = own.get(key) or [filler.constant(stat) for stat in stats]
+                    body.output.extend(_info(v, stat) for v, stat in zip(values, stats, strict=True))
+            for key, stats in items.items():
+                outputs = [names("if_stat") for _ in stats]
+                node.output.extend(outputs)
+                found.append((key, stats, outputs))
         elif node.op_type in ("Loop", "Scan") and "body" in inner:
             body = _attribute(node, "body").g
-            for key, lo, hi in inner["body"]:
-                body.output.extend([_scalar_info(lo), _scalar_info(hi)])
-                per_iteration = [names("iterations_min"), names("iterations_max")]
+            for key, stats, values in inner["body"]:
+                body.output.extend(_info(v, stat) for v, stat in zip(values, stats, strict=True))
+                per_iteration = [names("iterations") for _ in stats]
                 node.output.extend(per_iteration)
                 if node.op_type == "Scan":
                     for attr in node.attribute:
                         if attr.name in ("scan_output_axes", "scan_output_directions"):
-                            attr.ints.extend([0, 0])
-                lo_all = _reduce_one(graph, per_iteration[0], "ReduceMin", names)
-                hi_all = _reduce_one(graph, per_iteration[1], "ReduceMax", names)
-                found.append((key, lo_all, hi_all))
+                            attr.ints.extend([0] * len(stats))
+                combined = [
+                    build.reduce(stat.combine, v, stat.length is not None)
+                    for v, stat in zip(per_iteration, stats, strict=True)
+                ]
+                found.append((key, stats, combined))
     return found
 
 
-def expose_ranges(
-    model: ir.Model, proto: onnx.ModelProto, wanted: Mapping[int, Sequence[str]]
-) -> dict[Key, tuple[str, str]]:
-    """Edit ``proto`` (the serialized ``model``) so that every value in ``wanted`` (body graph id →
-    value names) has its per-sample min and max as float scalar outputs of the main graph; returns
-    ``(body id, value) → (min output, max output)``."""
+def expose_statistics(
+    model: ir.Model,
+    proto: onnx.ModelProto,
+    ranges: Mapping[int, Sequence[str]],
+    channels: Mapping[int, Sequence[tuple[str, int]]] | None = None,
+) -> tuple[dict[tuple[int, str], tuple[str, str]], dict[tuple[int, str], tuple[str, str, str, str]]]:
+    """Edit ``proto`` (the serialized ``model``) so that every value in ``ranges`` (body graph id →
+    value names) has its per-sample min and max as float scalar outputs of the main graph, and every
+    ``(value, k)`` in ``channels`` its per-channel min, max and sum of squares (``[k]`` each) and its
+    element count. Returns ``(body id, value) → (min, max)`` and ``→ (min, max, sumsq, count)``."""
+    wanted: dict[int, list[tuple[str, int | None]]] = {}
+    for body, values in ranges.items():
+        wanted.setdefault(body, []).extend((v, None) for v in values)
+    for body, pairs in (channels or {}).items():
+        wanted.setdefault(body, []).extend(pairs)
+    wanted.pop(id(model.graph), None)
     if not any(wanted.values()):
-        return {}
-    names = _Names(proto)
-    found = _expose(
-        model.graph, proto.graph, {k: v for k, v in wanted.items() if k != id(model.graph)}, names
-    )
-    for _, lo, hi in found:
-        proto.graph.output.extend([_scalar_info(lo), _scalar_info(hi)])
-    return {key: (lo, hi) for key, lo, hi in found}
+        return {}, {}
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    found = _expose(model.graph, proto.graph, wanted, _Names(proto), opset)
+    out_ranges: dict[tuple[int, str], tuple[str, str]] = {}
+    out_channels: dict[tuple[int, str], tuple[str, str, str, str]] = {}
+    for key, stats, values in found:
+        proto.graph.output.extend(_info(v, stat) for v, stat in zip(values, stats, strict=True))
+        if len(key) == 2:
+            out_ranges[key] = tuple(values)  # type: ignore[index,assignment]
+        else:
+            out_channels[key[:2]] = tuple(values)  # type: ignore[index,assignment]
+    return out_ranges, out_channels

@@ -32,6 +32,7 @@ from onnxq.config import Codebook, PerTensor, QuantConfig
 from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, QuantizationError
 from onnxq.lowbit import WEIGHT_TYPES
 from onnxq.model_io import load_model, save_model
+from onnxq.passes.name_body_nodes import NameBodyNodes
 from onnxq.passes.upgrade_opset import UpgradeOpset
 from onnxq.passes.weight_only import SpillFile, WeightOnlyQuantize
 from onnxq.result import FloatNode, QuantizationResult, QuantizationSummary
@@ -142,7 +143,8 @@ def quantize_weight_only(
             [
                 LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
                 RemoveUnusedNodesPass(),
-                NameFixPass(),
+                NameBodyNodes(),
+            NameFixPass(),
             ]
         )(ir_model)
         if algorithm is not None:

@@ -395,3 +395,30 @@ def test_static_shape_target_keeps_the_rank_of_an_if_output(tmp_path) -> None:
         want, got = fp32.run(None, feed)[0], session.run(None, feed)[0]
         assert got.shape == want.shape == (1, 1, 4, 4)
     assert result.summary.fidelity[0].cosine > 0.99
+
+
+@pytest.mark.parametrize("config", [onnxq.QuantConfig(), onnxq.QuantConfig(calibration=onnxq.Dynamic())])
+def test_a_branch_returning_an_outer_value_keeps_its_identity(tmp_path, config) -> None:
+    """A body output must be made in the body: the Identity that returns a value of the main graph
+    is not eliminated, or ONNX Runtime refuses the model."""
+    branches = {
+        "then_branch": helper.make_graph(
+            [helper.make_node("Identity", ["r"], ["t"])], "then", [], [tensor_info("t", shape=[4, H])]
+        ),
+        "else_branch": helper.make_graph(
+            [helper.make_node("MatMul", ["r", "W"], ["e"])], "else", [], [tensor_info("e", shape=[4, H])]
+        ),
+    }
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("If", ["flag"], ["y"], **branches)],
+        [tensor_info("x", shape=[4, H]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("y", shape=[4, H])],
+        _weights("W"),
+    )
+    feeds = [
+        {"x": RNG.normal(size=(4, H)).astype(np.float32), "flag": np.array(i % 2 == 0)} for i in range(4)
+    ]
+    result = onnxq.quantize(model, feeds, config=config, output=tmp_path / "q.onnx", progress=False)
+    assert result.summary.quantized_nodes == {"MatMul": 1}
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds[0])[0], np.maximum(feeds[0]["x"], 0))

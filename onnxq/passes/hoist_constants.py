@@ -3,7 +3,8 @@
 Constant folding inside a body leaves its results there: in a merged decoder both branches fold the
 ``Transpose`` of a tied embedding into a 113 MB lm_head weight of their own, which would then be
 quantized and stored twice. Guarantees: every body initializer of at least :data:`MIN_BYTES` is
-read from the main graph instead (outer-scope reads are what bodies are for), tensors with equal
+read from the main graph instead (outer-scope reads are what bodies are for) unless it is an output
+of its body (ONNX Runtime refuses a body returning an outer value), tensors with equal
 type, shape and bytes become one initializer, and no name clashes with any other in the model.
 """
 
@@ -37,8 +38,8 @@ class HoistBodyConstants(ir.passes.InPlacePass):
                 continue
             for name, value in list(graph.initializers.items()):
                 tensor = value.const_value
-                if tensor is None or tensor.nbytes < MIN_BYTES:
-                    continue
+                if tensor is None or tensor.nbytes < MIN_BYTES or value.is_graph_output():
+                    continue  # a body output must be made in the body
                 key = _digest(value)
                 graph.initializers.pop(name)
                 if key in seen:

@@ -20,15 +20,16 @@ from per-channel mean squares) goes down.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibrate import ChannelStats
-from onnxq.config import PerTensor, SmoothQuant
+from onnxq.config import PerTensor, QuantSpec, SmoothQuant
 from onnxq.passes._util import Namer, SpillFile, add_initializer, release
-from onnxq.plan import QuantPlan
+from onnxq.plan import BodyPlan, QuantPlan
 from onnxq.qmath import IntType, int_type, scale_zero_point
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,34 @@ class Candidate:
     weights: list[ir.Value]
 
 
-def find_candidates(model: ir.Model, plan: QuantPlan) -> dict[str, Candidate]:
-    """Activations read quantized only by MatMuls (as input A) with constant, quantized, 2-D weights
-    that nothing else uses."""
-    nodes = {n.name: n for n in model.graph}
+@dataclass
+class BodyMember:
+    """One activation inside an If/Loop/Scan body, and the MatMuls that read it."""
+
+    body: BodyPlan
+    name: str
+    nodes: list[ir.Node]
+
+
+@dataclass
+class BodyCandidate:
+    """Activations in bodies that read the same weights (a merged decoder's two branches read one
+    set): they are smoothed together, by one ``s`` from their pooled statistics."""
+
+    members: list[BodyMember]
+    weights: list[ir.Value]
+
+
+def _matmul_readers(
+    graph: ir.Graph, plan: QuantPlan, any_shape: bool = False
+) -> Iterator[tuple[str, list[ir.Node], list[ir.Value]]]:
+    """Activations of ``plan`` read quantized only by MatMuls (as input A) with constant, quantized,
+    2-D ``[K, N]`` weights, K the activation's last dimension; with those MatMuls and weights. With
+    ``any_shape``, an activation of unknown shape counts too (its last dimension is the weights' K,
+    as MatMul requires): shape inference often stops inside bodies, at a ``ReduceMean`` whose axes
+    are an outer-scope constant it cannot read."""
+    nodes = {n.name: n for n in graph}
     planned_weights = {t.name for t in plan.weights.values()}
-    out: dict[str, Candidate] = {}
     for name, tensor in plan.activations.items():
         if tensor.kind != "activation" or tensor.exclusive or not tensor.consumers:
             continue
@@ -62,6 +85,8 @@ def find_candidates(model: ir.Model, plan: QuantPlan) -> dict[str, Candidate]:
         value = users[0].inputs[0]  # type: ignore[union-attr]
         shape = value.shape if value is not None else None
         k = shape[-1] if shape is not None and len(shape) >= 2 else None
+        if any_shape and shape is None and weights[0] is not None and weights[0].const_value is not None:
+            k = weights[0].const_value.shape[0]
         ok = isinstance(k, int) and all(
             w is not None
             and w.is_initializer()
@@ -69,11 +94,39 @@ def find_candidates(model: ir.Model, plan: QuantPlan) -> dict[str, Candidate]:
             and w.name in planned_weights
             and len(w.const_value.shape) == 2
             and w.const_value.shape[0] == k
-            and {use.node.name for use in w.uses()} <= {u.name for u in users}  # type: ignore[union-attr]
             for w in weights
         )
         if ok:
-            out[name] = Candidate(users, list(dict.fromkeys(weights)))  # type: ignore[arg-type]
+            yield name, users, weights  # type: ignore[misc]
+
+
+def find_candidates(model: ir.Model, plan: QuantPlan) -> dict[str, Candidate]:
+    """Activations of the main graph read quantized only by MatMuls (as input A) with constant,
+    quantized, 2-D weights that nothing else uses."""
+    out: dict[str, Candidate] = {}
+    for name, users, weights in _matmul_readers(model.graph, plan):
+        readers = {u.name for u in users}
+        if all({use.node.name for use in w.uses()} <= readers for w in weights):
+            out[name] = Candidate(users, list(dict.fromkeys(weights)))
+    return out
+
+
+def find_body_candidates(bodies: list[BodyPlan]) -> dict[str, BodyCandidate]:
+    """Activations inside bodies read as :func:`find_candidates` says, grouped by the weights they
+    read: a group is a candidate when its MatMuls are all those weights' readers. Keyed
+    ``<body label>/<activation>`` of the group's first member."""
+    groups: dict[frozenset[int], BodyCandidate] = {}
+    for body in bodies:
+        for name, users, weights in _matmul_readers(body.graph, body.plan, any_shape=True):
+            unique = list(dict.fromkeys(weights))
+            group = groups.setdefault(frozenset(map(id, unique)), BodyCandidate([], unique))
+            group.members.append(BodyMember(body, name, users))
+    out: dict[str, BodyCandidate] = {}
+    for group in groups.values():
+        readers = {id(n) for m in group.members for n in m.nodes}
+        if all({id(use.node) for use in w.uses()} <= readers for w in group.weights):
+            first = group.members[0]
+            out[f"{first.body.label}/{first.name}"] = group
     return out
 
 
@@ -102,6 +155,47 @@ def _expected_error(
     return act_noise + weight_noise
 
 
+def choose_scale(
+    weights: list[ir.Value],
+    st: ChannelStats | None,
+    act_spec: QuantSpec,
+    per_channel: bool,
+    config: SmoothQuant,
+) -> tuple[np.ndarray, float] | None:
+    """The smoothing factors ``s`` and the α chosen for an activation with statistics ``st`` read by
+    MatMuls with ``weights``; None when smoothing does not lower the expected error."""
+    if st is None or st.min is None or st.rows == 0:
+        return None
+    a = st.absmax()
+    median = float(np.median(a))
+    if median <= 0 or float(a.max()) < config.min_outlier_ratio * median:
+        return None
+    # float32 copies (a gate/up pair of a 4096-wide model is 360 MB); sums in float64
+    w = np.concatenate([c.const_value.numpy().astype(np.float32) for c in weights], axis=1)  # type: ignore[union-attr]
+    for c in weights:
+        release(c)
+    sq_w = np.einsum("ij,ij->i", w, w, dtype=np.float64)
+    abs_w = np.abs(w, out=w)
+    del w
+    w_max = np.maximum(abs_w.max(axis=1), _MIN_SCALE)
+    act = (int_type(act_spec.dtype), act_spec.symmetric)
+    ones = np.ones_like(a)
+    best_s, best_alpha = ones, -1.0
+    best_err = _expected_error(ones, st, abs_w, sq_w, act, per_channel)
+    alphas = (config.alpha,) if config.alpha is not None else config.alphas
+    for alpha in alphas:
+        s = np.maximum(np.maximum(a, _MIN_SCALE) ** alpha / w_max ** (1.0 - alpha), _MIN_SCALE)
+        err = _expected_error(s, st, abs_w, sq_w, act, per_channel)
+        if err < best_err:
+            best_s, best_alpha, best_err = s, alpha, err
+    return (best_s, best_alpha) if best_alpha >= 0 else None
+
+
+def _per_channel_weights(plan: QuantPlan, weight: ir.Value) -> bool:
+    specs = {t.name: t.spec for t in plan.weights.values()}
+    return not isinstance(specs[weight.name].granularity, PerTensor)
+
+
 def choose_scales(
     candidates: dict[str, Candidate],
     stats: dict[str, ChannelStats],
@@ -109,38 +203,34 @@ def choose_scales(
     config: SmoothQuant,
 ) -> dict[str, tuple[np.ndarray, float]]:
     """Per candidate, the smoothing factors ``s`` and the α chosen; tensors not worth it are absent."""
-    weight_specs = {t.name: t for t in plan.weights.values()}
     chosen: dict[str, tuple[np.ndarray, float]] = {}
     for name, cand in candidates.items():
-        st = stats.get(name)
-        if st is None or st.min is None or st.rows == 0:
-            continue
-        a = st.absmax()
-        median = float(np.median(a))
-        if median <= 0 or float(a.max()) < config.min_outlier_ratio * median:
-            continue
-        # float32 copies (a gate/up pair of a 4096-wide model is 360 MB); sums in float64
-        w = np.concatenate([c.const_value.numpy().astype(np.float32) for c in cand.weights], axis=1)
-        for c in cand.weights:
-            release(c)
-        sq_w = np.einsum("ij,ij->i", w, w, dtype=np.float64)
-        abs_w = np.abs(w, out=w)
-        del w
-        w_max = np.maximum(abs_w.max(axis=1), _MIN_SCALE)
         spec = plan.activations[name].spec
-        act = (int_type(spec.dtype), spec.symmetric)
-        per_channel = not isinstance(weight_specs[cand.weights[0].name].spec.granularity, PerTensor)
-        ones = np.ones_like(a)
-        best_s, best_alpha = ones, -1.0
-        best_err = _expected_error(ones, st, abs_w, sq_w, act, per_channel)
-        alphas = (config.alpha,) if config.alpha is not None else config.alphas
-        for alpha in alphas:
-            s = np.maximum(np.maximum(a, _MIN_SCALE) ** alpha / w_max ** (1.0 - alpha), _MIN_SCALE)
-            err = _expected_error(s, st, abs_w, sq_w, act, per_channel)
-            if err < best_err:
-                best_s, best_alpha, best_err = s, alpha, err
-        if best_alpha >= 0:
-            chosen[name] = (best_s, best_alpha)
+        per_channel = _per_channel_weights(plan, cand.weights[0])
+        found = choose_scale(cand.weights, stats.get(name), spec, per_channel, config)
+        if found is not None:
+            chosen[name] = found
+    return chosen
+
+
+def choose_body_scales(
+    candidates: dict[str, BodyCandidate],
+    stats: dict[int, dict[str, ChannelStats]],
+    config: SmoothQuant,
+) -> dict[str, tuple[np.ndarray, float]]:
+    """:func:`choose_scales` for body candidates, each from its members' pooled statistics (members
+    that never ran add nothing)."""
+    chosen: dict[str, tuple[np.ndarray, float]] = {}
+    for key, cand in candidates.items():
+        pooled = ChannelStats()
+        for m in cand.members:
+            pooled.merge(stats.get(id(m.body.graph), {}).get(m.name, ChannelStats()))
+        first = cand.members[0]
+        spec = first.body.plan.activations[first.name].spec
+        per_channel = _per_channel_weights(first.body.plan, cand.weights[0])
+        found = choose_scale(cand.weights, pooled, spec, per_channel, config)
+        if found is not None:
+            chosen[key] = found
     return chosen
 
 
@@ -158,52 +248,61 @@ def _only_use(value: ir.Value | None, node: ir.Node) -> bool:
     return value is not None and not value.is_graph_output() and [u.node for u in value.uses()] == [node]
 
 
+Division = tuple[ir.Node, int]  # (node, input index of a constant divided along its last axis)
+
+
 def _divide(
     graph: ir.Graph,
     namer: Namer,
-    node: ir.Node,
-    index: int,
+    targets: list[Division],
     s: np.ndarray,
-    axis: int = -1,
     spill: SpillFile | None = None,
 ) -> None:
-    """Divide constant input ``index`` of ``node`` by ``s`` along ``axis``: in place when ``node`` is
-    its only reader (the name, which the plan may refer to, is kept), else as a new initializer so
-    the other readers see the constant as it was."""
+    """Divide the constant read by every ``(node, index)`` in ``targets`` (one constant) by ``s``
+    along its last axis: in place when they are its only readers (the name, which the plan may
+    refer to, is kept), else as a new initializer of ``graph`` per target so the other readers see
+    the constant as it was."""
+    node, index = targets[0]
     value = node.inputs[index]
     assert value is not None and value.const_value is not None
     array = value.const_value.numpy()
-    shape = [1] * array.ndim
-    shape[axis] = s.size
-    scaled = (array / s.reshape(shape)).astype(array.dtype)
+    scaled = (array / s).astype(array.dtype)
     del array
-    if [u.node for u in value.uses()] == [node]:
+    if sorted((id(u.node), u.idx) for u in value.uses()) == sorted((id(n), i) for n, i in targets):
         old = value.const_value
         value.const_value = ir.Tensor(scaled, name=value.name)
         if isinstance(old, ir.ExternalTensor):
             old.release()
+        made = [value]
     else:
-        value = add_initializer(graph, namer(f"{value.name}_smoothed"), scaled)
-        node.replace_input_with(index, value)
+        made = []
+        for node, index in targets:
+            made.append(add_initializer(graph, namer(f"{value.name}_smoothed"), scaled))
+            node.replace_input_with(index, made[-1])
     del scaled
     if spill is not None:
-        spill.take(value)
+        for value in made:
+            spill.take(value)
 
 
-def fold_into_producer(
-    graph: ir.Graph,
-    namer: Namer,
-    x: ir.Value,
-    readers: list[ir.Node],
-    s: np.ndarray,
-    spill: SpillFile | None = None,
-) -> str | None:
-    """Divide ``x``'s channels by ``s`` inside the node that produces it (see the module docstring);
-    returns what was folded into, or None when no fold applies (nothing is changed then)."""
+def _divide_all(
+    graph: ir.Graph, namer: Namer, targets: list[Division], s: np.ndarray, spill: SpillFile | None
+) -> None:
+    """:func:`_divide` once per constant among ``targets`` (those reading one constant together)."""
+    by_constant: dict[int, list[Division]] = {}
+    for node, index in targets:
+        by_constant.setdefault(id(node.inputs[index]), []).append((node, index))
+    for group in by_constant.values():
+        _divide(graph, namer, group, s, spill)
+
+
+def fold_targets(x: ir.Value, readers: list[ir.Node], k: int) -> tuple[str, list[Division]] | None:
+    """Where ``x``'s channel division folds (see the module docstring): what it folds into and the
+    constants to divide, or None when no fold applies."""
     value_readers = [u.node for u in x.uses() if u.node.op_type not in _SHAPE_ONLY]
     if x.is_graph_output() or sorted(map(id, value_readers)) != sorted(map(id, readers)):
         return None
-    node, k = x.producer(), s.size
+    node = x.producer()
     if node is None:
         return None
     if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) in (
@@ -212,9 +311,7 @@ def fold_into_producer(
     ):
         extra = [i for i in (1, 2) if len(node.inputs) > i and node.inputs[i] is not None]
         if all(_per_channel_constant(node.inputs[i], k) is not None for i in extra):
-            for i in extra:
-                _divide(graph, namer, node, i, s, spill=spill)
-            return f"LayerNormalization {node.name}"
+            return f"LayerNormalization {node.name}", [(node, i) for i in extra]
     if node.op_type == "Add":
         for c in (0, 1):
             other = node.inputs[1 - c]
@@ -227,14 +324,11 @@ def fold_into_producer(
             ):
                 g = next((i for i in (0, 1) if _per_channel_constant(mul.inputs[i], k) is not None), None)
                 if g is not None:
-                    _divide(graph, namer, node, c, s, spill=spill)
-                    _divide(graph, namer, mul, g, s, spill=spill)
-                    return f"norm {mul.name} + {node.name}"
+                    return f"norm {mul.name} + {node.name}", [(node, c), (mul, g)]
     if node.op_type == "Mul":
         g = next((i for i in (0, 1) if _per_channel_constant(node.inputs[i], k) is not None), None)
         if g is not None:
-            _divide(graph, namer, node, g, s, spill=spill)
-            return f"norm scale {node.name}"
+            return f"norm scale {node.name}", [(node, g)]
         for i in (0, 1):  # X = a · b: scale b's producing MatMul (and its bias)
             b = node.inputs[i]
             producer = b.producer() if b is not None else None
@@ -262,11 +356,70 @@ def fold_into_producer(
                 continue
             if len(w.const_value.shape) != 2:
                 continue
-            _divide(graph, namer, matmul, 1, s, axis=1, spill=spill)
+            targets: list[Division] = [(matmul, 1)]
             if bias is not None:
-                _divide(graph, namer, bias[0], bias[1], s, spill=spill)
-            return f"MatMul {matmul.name}"
+                targets.append(bias)
+            return f"MatMul {matmul.name}", targets
     return None
+
+
+def fold_into_producer(
+    graph: ir.Graph,
+    namer: Namer,
+    x: ir.Value,
+    readers: list[ir.Node],
+    s: np.ndarray,
+    spill: SpillFile | None = None,
+) -> str | None:
+    """Divide ``x``'s channels by ``s`` inside the node that produces it (see the module docstring);
+    returns what was folded into, or None when no fold applies (nothing is changed then)."""
+    found = fold_targets(x, readers, s.size)
+    if found is None:
+        return None
+    for target in found[1]:
+        _divide(graph, namer, [target], s, spill)
+    return found[0]
+
+
+def _scale_rows(weight: ir.Value, s: np.ndarray, spill: SpillFile | None) -> None:
+    """Multiply row ``k`` of the 2-D constant ``weight`` by ``s[k]``, in place."""
+    old = weight.const_value
+    assert old is not None
+    w = old.numpy()
+    weight.const_value = ir.Tensor((w * s[:, None]).astype(w.dtype), name=weight.name)
+    del w
+    if isinstance(old, ir.ExternalTensor):
+        old.release()
+    if spill is not None:
+        spill.take(weight)
+
+
+def _insert_inverse(
+    graph: ir.Graph,
+    constants: ir.Graph,
+    namer: Namer,
+    name: str,
+    readers: list[ir.Node],
+    s: np.ndarray,
+) -> ir.Value:
+    """A new ``Mul(x, 1/s)`` in ``graph`` before ``readers[0]`` (the first reader in topological
+    order), read by ``readers`` instead of ``x``; ``1/s`` is an initializer of ``constants``."""
+    x = readers[0].inputs[0]
+    assert x is not None
+    inv = add_initializer(constants, namer(f"{name}_smooth_inv"), (1.0 / s).astype(np.float32))
+    mul = ir.node("Mul", [x, inv], name=namer(f"{name}_smooth"))
+    mul.outputs[0].name = namer(f"{name}_smoothed")
+    mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
+    graph.insert_before(readers[0], mul)
+    for node in readers:
+        node.replace_input_with(0, mul.outputs[0])
+    return mul.outputs[0]
+
+
+def _rename(plan: QuantPlan, old: str, new: str) -> None:
+    tensor = plan.activations.pop(old)
+    tensor.name = new
+    plan.activations[new] = tensor
 
 
 class SmoothActivations(ir.passes.InPlacePass):
@@ -297,31 +450,63 @@ class SmoothActivations(ir.passes.InPlacePass):
             x = cand.nodes[0].inputs[0]
             assert x is not None
             for weight in cand.weights:
-                old = weight.const_value
-                w = old.numpy()
-                weight.const_value = ir.Tensor((w * s[:, None]).astype(w.dtype), name=weight.name)
-                del w
-                if isinstance(old, ir.ExternalTensor):
-                    old.release()
-                if self.spill is not None:
-                    self.spill.take(weight)
+                _scale_rows(weight, s, self.spill)
             folded = fold_into_producer(graph, namer, x, cand.nodes, s, self.spill)
             if folded is not None:
                 self.ranges[name] = smoothed_range(self.stats[name], s)
                 self.folded[name] = folded
                 log.info("smoothed %s (alpha %.2f) folded into %s", name, alpha, folded)
                 continue
-            inv = add_initializer(graph, namer(f"{name}_smooth_inv"), (1.0 / s).astype(np.float32))
-            mul = ir.node("Mul", [x, inv], name=namer(f"{name}_smooth"))
-            mul.outputs[0].name = namer(f"{name}_smoothed")
-            mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
-            graph.insert_before(cand.nodes[0], mul)  # the first reader in topological order
-            for node in cand.nodes:
-                node.replace_input_with(0, mul.outputs[0])
-            new = mul.outputs[0].name
-            tensor = self.plan.activations.pop(name)
-            tensor.name = new
-            self.plan.activations[new] = tensor
+            new = _insert_inverse(graph, graph, namer, name, cand.nodes, s).name
+            assert new is not None
+            _rename(self.plan, name, new)
             self.ranges[new] = smoothed_range(self.stats[name], s)
             log.info("smoothed %s (alpha %.2f, max factor %.3g)", name, alpha, float(s.max()))
+        return ir.passes.PassResult(model, True)
+
+
+class SmoothBodies(ir.passes.InPlacePass):
+    """:class:`SmoothActivations` for the candidates inside If/Loop/Scan bodies: each group's shared
+    weights are scaled once, and each member's ``1/s`` folded into its producer (a constant read by
+    the producers of every member, as a merged decoder's shared norm weights are, is divided once)
+    or applied by a ``Mul`` in its body; the bodies' plans and ranges follow. Constants made here
+    live in the main graph."""
+
+    def __init__(
+        self,
+        candidates: dict[str, BodyCandidate],
+        scales: dict[str, tuple[np.ndarray, float]],
+        stats: dict[int, dict[str, ChannelStats]],
+        ranges: dict[int, dict[str, tuple[float, float]]],
+    ) -> None:
+        super().__init__()
+        self.candidates, self.scales, self.stats, self.ranges = candidates, scales, stats, ranges
+        self.spill: SpillFile | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.scales:
+            return ir.passes.PassResult(model, False)
+        namer = Namer(model.graph)  # every name in the model, bodies included
+        for key, (s, alpha) in self.scales.items():
+            cand = self.candidates[key]
+            for weight in cand.weights:
+                _scale_rows(weight, s, self.spill)
+            folds = []
+            for m in cand.members:
+                x = m.nodes[0].inputs[0]
+                assert x is not None
+                folds.append(fold_targets(x, m.nodes, s.size))
+            _divide_all(model.graph, namer, [t for f in folds if f is not None for t in f[1]], s, self.spill)
+            for m, fold in zip(cand.members, folds, strict=True):
+                body = id(m.body.graph)
+                stats = self.stats.get(body, {}).get(m.name)
+                ranges = self.ranges.setdefault(body, {})
+                name = m.name
+                if fold is None:
+                    name = _insert_inverse(m.body.graph, model.graph, namer, m.name, m.nodes, s).name or ""
+                    _rename(m.body.plan, m.name, name)
+                    ranges.pop(m.name, None)
+                if stats is not None and stats.min is not None:  # else never ran: no range, kept float
+                    ranges[name] = smoothed_range(stats, s)
+            log.info("smoothed %s and %d more in bodies (alpha %.2f)", key, len(cand.members) - 1, alpha)
         return ir.passes.PassResult(model, True)

@@ -17,12 +17,14 @@ much worse (0.83 vs 0.98 over all positions): the summary's fidelity therefore s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import models
 import onnxq
@@ -102,9 +104,11 @@ def smooth_only(proto: onnx.ModelProto, config: SmoothQuant | None = None):
     return model, candidates, scales, cal.ranges
 
 
-def output_sqnr(proto: onnx.ModelProto, quantized: ir.Model) -> float:
+def output_sqnr(proto: onnx.ModelProto, quantized: ir.Model, feeds: list | None = None) -> float:
+    """SQNR of ``quantized`` against ``proto`` on the held-out inputs (``feeds``: the same inputs
+    as ``quantized`` takes them, e.g. with a branch flag)."""
     want = np.concatenate([run(proto, f)[0].ravel() for f in HELD_OUT])
-    got = np.concatenate([run(quantized, f)[0].ravel() for f in HELD_OUT])
+    got = np.concatenate([run(quantized, f)[0].ravel() for f in feeds or HELD_OUT])
     return metrics.sqnr_db(want, got)
 
 
@@ -330,3 +334,58 @@ def test_fold_ignores_readers_of_the_shape_only() -> None:
     s = np.linspace(1.0, 4.0, K).astype(np.float32)
     assert fold_into_producer(graph, Namer(graph), node["norm_scale"].outputs[0], [node["mm1"]], s)
     np.testing.assert_allclose(graph.initializers["gamma"].const_value.numpy(), gamma / s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "gated", "mul"])
+def test_merged_branches_are_smoothed_like_the_plain_model(kind: str, tmp_path) -> None:
+    """The model in both branches of an If (a merged decoder's layout, weights shared): each weight
+    is smoothed once, by ``s`` from both branches' pooled statistics, which here equal the plain
+    model's, so the int8 weights are the plain model's byte for byte; the shared norm weights are
+    divided once (no op or copy added where the plain model folds) and both branches stay as
+    accurate. ``mul``: the residual also reads ``h``, so ``1/s`` is a Mul in each branch."""
+    from models.merged import branch_feed, merge_into_if
+
+    proto = ln_model() if kind == "mul" else fold_model(kind)
+    merged = merge_into_if(proto)
+    calib = [branch_feed(f, i) for i, f in enumerate(CALIB)]
+    plain = onnxq.quantize(proto, CALIB, output=tmp_path / "plain.onnx", progress=False)
+    result = onnxq.quantize(merged, calib, output=tmp_path / "merged.onnx", progress=False)
+    assert len(plain.summary.smoothed) == len(result.summary.smoothed) == 1
+    assert list(result.summary.smoothed.values()) == list(plain.summary.smoothed.values())
+    key = next(iter(result.summary.smoothed))
+    assert key.startswith("merged_decoder/") and key.endswith("/h")
+
+    def stored(path: Path) -> tuple[list[bytes], int]:
+        model = onnx.load(str(path))
+        int8 = sorted(
+            t.raw_data
+            for t in model.graph.initializer
+            if t.data_type == TensorProto.INT8 and len(t.dims) == 2
+        )
+        vectors = sum(  # norm weights, biases, 1/s (the weights' scales are per body)
+            1
+            for t in model.graph.initializer
+            if t.data_type == TensorProto.FLOAT
+            and list(t.dims) == [K]
+            and not t.name.endswith(("_scale", "_scale_1"))
+        )
+        return int8, vectors
+
+    (plain_int8, plain_vectors), (merged_int8, merged_vectors) = (
+        stored(tmp_path / "plain.onnx"),
+        stored(tmp_path / "merged.onnx"),
+    )
+    assert merged_int8 == plain_int8
+    # the folded norm weights are divided once (a 1/s per branch when it is a Mul)
+    assert merged_vectors == plain_vectors + (1 if kind == "mul" else 0)
+    # smoothing helps both branches as it helps the plain model (each branch's activation ranges
+    # come from its own samples, half of them here, so compare like with like)
+    unsmoothed = onnxq.quantize(merged, calib, config=QuantConfig(smoothing=None), progress=False)
+    gain = output_sqnr(proto, plain.model) - output_sqnr(
+        proto, onnxq.quantize(proto, CALIB, config=QuantConfig(smoothing=None), progress=False).model
+    )
+    assert gain > 5
+    for index in (0, 1):
+        held_out = [branch_feed(f, index) for f in HELD_OUT]
+        smoothed_db = output_sqnr(proto, result.model, held_out)
+        assert smoothed_db > output_sqnr(proto, unsmoothed.model, held_out) + gain / 3
