@@ -5,6 +5,7 @@ decoder exports merge their with-past and without-past graphs (one If, weights s
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -278,6 +279,15 @@ def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
         )
 
     assert int8_bytes(tmp_path / "merged_q.onnx") == int8_bytes(tmp_path / "plain_q.onnx")
+
+    def vectors(path: Path) -> int:  # per-channel weight scales and zero points
+        return sum(
+            1
+            for t in onnx.load(str(path)).graph.initializer
+            if len(t.dims) == 1 and re.search(r"_(scale|zero_point)(_\d+)?$", t.name)
+        )
+
+    assert vectors(tmp_path / "merged_q.onnx") <= vectors(tmp_path / "plain_q.onnx")  # not one per branch
     written = onnx.load(str(tmp_path / "merged_q.onnx"))
     assert not [t for t in written.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2]
 

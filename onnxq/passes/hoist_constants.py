@@ -19,7 +19,8 @@ from onnxq.passes._util import Namer
 MIN_BYTES = 1024  # smaller constants (shapes, axes, scalars) stay where they are
 
 
-def _digest(value: ir.Value) -> tuple[str, tuple[int, ...], str]:
+def digest(value: ir.Value) -> tuple[str, tuple[int, ...], str]:
+    """(dtype, shape, sha256 of the bytes) of a constant: equal keys, equal tensors."""
     tensor = value.const_value
     assert tensor is not None
     return str(tensor.dtype), tuple(tensor.shape.numpy()), hashlib.sha256(tensor.tobytes()).hexdigest()
@@ -40,7 +41,7 @@ class HoistBodyConstants(ir.passes.InPlacePass):
                 tensor = value.const_value
                 if tensor is None or tensor.nbytes < MIN_BYTES or value.is_graph_output():
                     continue  # a body output must be made in the body
-                key = _digest(value)
+                key = digest(value)
                 graph.initializers.pop(name)
                 if key in seen:
                     value.replace_all_uses_with(seen[key])

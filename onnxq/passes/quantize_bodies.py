@@ -5,7 +5,8 @@ integer weights, int32 biases, clean-up — with its own plan and calibrated ran
 inside a body clash with nothing in the model; a weight the body reads from an outer graph is stored
 as integers once, in that graph, however many bodies read it (ONNX Runtime fuses the QDQ groups of a
 body that read it from there), and the float weight is dropped when nothing reads it any more.
-The scales, zero points and biases made for a body live in the main graph too: ONNX Runtime's
+The scales, zero points and biases made for a body live in the main graph too (one initializer for
+equal ones, e.g. the scales of a weight both branches of a merged decoder read): ONNX Runtime's
 MatMul+Add → Gemm rewrite inside a body mistypes a QuantizeLinear whose zero point is an
 initializer of the body and then refuses the model.
 """
@@ -17,6 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq.passes._util import OUTER_NAMES, SpillFile, names_in
 from onnxq.passes.cleanup import Cleanup
+from onnxq.passes.hoist_constants import digest
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
@@ -40,6 +42,7 @@ class QuantizeBodies(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         prequantize = PrequantizeWeights(self.spill)  # one instance: shared weights stored once
+        moved: dict[tuple[str, tuple[int, ...], str], ir.Value] = {}
         modified = False
         for body in self.bodies:
             if not body.plan.activations and not body.plan.weights:
@@ -58,8 +61,14 @@ class QuantizeBodies(ir.passes.InPlacePass):
             finally:
                 del body.graph.meta[OUTER_NAMES]
             made = [name for name in body.graph.initializers if name not in own]  # in order: same bytes
-            for name in made:  # scales, zero points, int32 biases
-                model.graph.register_initializer(body.graph.initializers.pop(name))
+            for name in made:  # scales, zero points, int32 biases; equal ones (a shared weight's) once
+                value = body.graph.initializers.pop(name)
+                key = digest(value)
+                if key in moved:
+                    value.replace_all_uses_with(moved[key])
+                else:
+                    model.graph.register_initializer(value)
+                    moved[key] = value
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)  # outer float weights and biases now read by no body

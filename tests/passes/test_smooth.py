@@ -362,12 +362,10 @@ def test_merged_branches_are_smoothed_like_the_plain_model(kind: str, tmp_path) 
             for t in model.graph.initializer
             if t.data_type == TensorProto.INT8 and len(t.dims) == 2
         )
-        vectors = sum(  # norm weights, biases, 1/s (the weights' scales are per body)
+        vectors = sum(  # norm weights, biases, 1/s
             1
             for t in model.graph.initializer
-            if t.data_type == TensorProto.FLOAT
-            and list(t.dims) == [K]
-            and not t.name.endswith(("_scale", "_scale_1"))
+            if t.data_type == TensorProto.FLOAT and list(t.dims) == [K] and not t.name.endswith("_scale")
         )
         return int8, vectors
 
