@@ -83,6 +83,7 @@ from onnxq.diff import DiffReport, diff
 from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
 from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
+from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
 from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
 from onnxq.passes.upgrade_opset import OPSET_16BIT
 from onnxq.pipeline import (
@@ -458,6 +459,7 @@ class _Builder:
 
     def prepared(self, notes: list[str] | None = None) -> ir.Model:
         model = load_model(self.source)
+        self.declared = declared_types(model)
         prepare_model(model, self.min_opset, self.rules, self.first, notes)
         return model
 
@@ -521,6 +523,7 @@ class _Builder:
         smoothing = SmoothActivations(plan, trial_ranges, candidates, scales, stats)
         try:
             rewrite_passes(plan, trial_ranges, smoothing, self.rules)(model)
+            KeepDeclaredTypes(self.declared)(model)
         except OnnxqError:
             raise
         except Exception as exc:

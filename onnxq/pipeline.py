@@ -42,6 +42,7 @@ from onnxq.model_io import load_model, model_in_folder, save_model
 from onnxq.passes._util import SpillFile
 from onnxq.passes.bias_correction import BiasStatistics, CorrectBias
 from onnxq.passes.cleanup import Cleanup
+from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
 from onnxq.passes.dynamic import DynamicPlanner, dynamic_passes, dynamic_references
 from onnxq.passes.eliminate_identity import EliminateIdentity
 from onnxq.passes.equalize import equalize_model
@@ -376,6 +377,7 @@ def quantize(
 
         return quantize_weight_only(model, config, output_path, calib_data, progress)
     ir_model = load_model(model)
+    declared = declared_types(ir_model)
     dynamic = isinstance(config.calibration, Dynamic)
     if dynamic and calib_data is None:
         first, samples = None, iter(())
@@ -403,6 +405,7 @@ def quantize(
                 step.spill = spill
         try:
             rewrite(ir_model)
+            KeepDeclaredTypes(declared)(ir_model)
         except OnnxqError:
             raise
         except Exception as exc:

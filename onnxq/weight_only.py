@@ -144,7 +144,7 @@ def quantize_weight_only(
                 LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
                 RemoveUnusedNodesPass(),
                 NameBodyNodes(),
-            NameFixPass(),
+                NameFixPass(),
             ]
         )(ir_model)
         if algorithm is not None:
