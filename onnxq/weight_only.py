@@ -161,7 +161,7 @@ def quantize_weight_only(
         raise
     except Exception as exc:
         raise QuantizationError(f"weight-only quantization failed: {pipeline._root_cause(exc)}") from exc
-    if any(n.domain == "com.microsoft" for n in ir_model.graph):
+    if any(n.domain == "com.microsoft" for n in ir.traversal.RecursiveGraphIterator(ir_model.graph)):
         ir_model.opset_imports.setdefault("com.microsoft", 1)
     ir_model.producer_name, ir_model.producer_version = "onnxq", pipeline._version()
     if output is not None:

@@ -432,3 +432,56 @@ def test_a_branch_returning_an_outer_value_keeps_its_identity(tmp_path, config) 
     assert result.summary.quantized_nodes == {"MatMul": 1}
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, feeds[0])[0], np.maximum(feeds[0]["x"], 0))
+
+
+@pytest.mark.parametrize("weight_format", ["dequantize_linear", "matmul_nbits"])
+def test_merged_decoder_weight_only_stores_shared_weights_once(
+    model_path, calib_feeds, tmp_path, weight_format
+) -> None:
+    """Weight-only int4 of tiny-llama merged into an If: the embedding table is quantized in both
+    branches (rows decoded in each) and stored once; with MatMulNBits every MatMul weight is stored
+    once too (ORT pre-packs it from the main graph), so the integers equal the plain model's; the
+    DequantizeLinear form copies MatMul weights into each branch (ORT's fusion needs them local)."""
+    from models.merged import branch_feed, merge_into_if
+
+    plain = model_path("tiny-llama")
+    onnx.save(merge_into_if(onnx.load(str(plain))), tmp_path / "merged.onnx")
+    feeds = calib_feeds("tiny-llama", 4)
+    config = onnxq.QuantConfig.weight_only("int4", 32, weight_format=weight_format)
+    base = onnxq.quantize(plain, feeds, config=config, output=tmp_path / "plain_q.onnx", progress=False)
+    result = onnxq.quantize(
+        tmp_path / "merged.onnx",
+        [branch_feed(f, i) for i, f in enumerate(feeds)],
+        config=config,
+        output=tmp_path / "merged_q.onnx",
+        progress=False,
+    )
+    assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
+    assert not result.summary.float_nodes
+
+    def integers(path: Path) -> dict[str, int]:  # packed int4 bytes, main graph and bodies
+        model = onnx.load(str(path))
+        graphs = [model.graph, *(a.g for n in model.graph.node for a in n.attribute if a.g.name)]
+        found: dict[str, int] = {}
+        for g in graphs:
+            for t in g.initializer:
+                if t.data_type in (TensorProto.INT4, TensorProto.UINT8) and len(t.dims) >= 2:
+                    found[t.name] = found.get(t.name, 0) + len(t.raw_data)
+        return found
+
+    plain_bytes, merged_bytes = integers(tmp_path / "plain_q.onnx"), integers(tmp_path / "merged_q.onnx")
+    table = [n for n in merged_bytes if n.startswith("model.embed_tokens")]
+    assert table and all(merged_bytes[n] == plain_bytes[n] for n in table)  # the table once
+    if weight_format == "matmul_nbits":
+        assert sum(merged_bytes.values()) == sum(plain_bytes.values())
+    else:
+        assert sum(merged_bytes.values()) > sum(plain_bytes.values())
+    session = ort.InferenceSession(str(tmp_path / "merged_q.onnx"), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=["CPUExecutionProvider"])
+    plain_q = ort.InferenceSession(str(tmp_path / "plain_q.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds[:2]:
+        for branch in (0, 1):
+            merged_feed = branch_feed(feed, branch)
+            got = session.run(None, merged_feed)[0]
+            np.testing.assert_allclose(got, plain_q.run(None, feed)[0], rtol=1e-4, atol=1e-4)
+            assert np.isfinite(fp32.run(None, merged_feed)[0]).all()

@@ -29,6 +29,13 @@ table ``[V, H]`` read by Gather axis 1):
   into a constant at load) or reshaped as ``MatMulNBits``'s ``B`` (``matmul_nbits``).
 - :class:`onnxq.config.Codebook` weights: indices (uint4 or uint8) + ``Cast → Gather(codebook) →
   Mul(scale) → Reshape`` into the float weight, for every use.
+
+Readers inside If/Loop/Scan bodies (a merged decoder's two branches): the quantized weight stays in
+the graph that owns the float one, stored once however many bodies read it, and the decoding nodes
+(``MatMulNBits``, a table's row decoding) go into each body — except for the ``dequantize_linear``
+form of MatMul/Gemm weights, whose integers are copied into each body that reads them, because ONNX
+Runtime fuses a DequantizeLinear into ``MatMulNBits`` only when its weight is an initializer of the
+same graph (``weight_format="matmul_nbits"`` stores such weights once).
 """
 
 from __future__ import annotations
@@ -59,7 +66,6 @@ class Uses:
     gather: list[ir.Node] = field(default_factory=list)  # Gather input 0, axis 0
     transposed: list[tuple[ir.Node, list[ir.Node]]] = field(default_factory=list)  # Transpose → MatMuls
     other: str = ""
-    in_subgraph: list[ir.Node] = field(default_factory=list)  # Gather tables inside a subgraph (kept float)
 
 
 def _uses(value: ir.Value) -> Uses:
@@ -67,10 +73,9 @@ def _uses(value: ir.Value) -> Uses:
     for node, index in value.uses():
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         inside = node.graph is not value.graph
-        if inside and not ((op == "MatMul" and index == 1) or (op == "Gemm" and index == 1)):
+        table = op == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0
+        if inside and not ((op == "MatMul" and index == 1) or (op == "Gemm" and index == 1) or table):
             uses.other = f"read by {op} inside a subgraph (If/Loop/Scan body), which is left float"
-            if op == "Gather":
-                uses.in_subgraph.append(node)
         elif op == "MatMul" and index == 1:
             uses.matmul.append(node)
         elif op == "Gemm" and index == 1:
@@ -174,7 +179,10 @@ def _matmul_nbits(
     dtype: ir.DataType,
 ) -> None:
     """Replace MatMul ``node`` by ``com.microsoft::MatMulNBits`` over ``weight_inputs`` (packed
-    weight, scales, [zero points, [g_idx, bias]]), with ``accuracy_level=4`` as ORT's own fusion."""
+    weight, scales, [zero points, [g_idx, bias]]), with ``accuracy_level=4`` as ORT's own fusion.
+    The new node goes where ``node`` is (``graph`` or, for a reader inside an If/Loop/Scan body, that
+    body); ``weight_inputs`` may live in an outer graph (ORT's kernel pre-packs them from there)."""
+    graph = node.graph if node.graph is not None else graph
     out = _Builder(graph, namer, node).op(
         "MatMulNBits",
         [node.inputs[0], *weight_inputs],
@@ -239,8 +247,6 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 continue
             uses = _uses(value)
             readers = [*uses.matmul, *uses.gemm, *uses.gather, *(m for _, ms in uses.transposed for m in ms)]
-            if not readers and uses.in_subgraph:
-                self.skipped[name] = uses.other
             if not readers:
                 continue
             reason = uses.other or (f"{len(const.shape)}-D weight" if len(const.shape) != 2 else "")
@@ -348,15 +354,13 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
             self._cache = (key, block, q, scale, zp, {})
         _, block, q, scale, zp, made = self._cache
         home = node.graph if node.graph is not None else graph  # a reader inside an If/Loop/Scan body
-        if (
-            self.nbits
-            and home is graph
-            and self._try_nbits(graph, value, node, axis, block, q, scale, zp, wtype, dtype, made)
-        ):
+        # MatMulNBits reads its packed weight from the graph that owns the float one, once for every
+        # body that reads it (ORT pre-packs outer-scope initializers for the kernel too).
+        if self.nbits and self._try_nbits(graph, value, node, axis, block, q, scale, zp, wtype, dtype, made):
             return
-        # The integer weight, scale and zero point are initializers of the graph that reads them:
-        # ONNX Runtime's DequantizeLinear → MatMulNBits fusion does not find outer-scope ones, so
-        # a weight read inside If/Loop/Scan bodies gets a copy per body.
+        # The integer weight, scale and zero point of a DequantizeLinear are initializers of the
+        # graph that reads them: ONNX Runtime's DequantizeLinear → MatMulNBits fusion does not find
+        # outer-scope ones, so a weight read inside If/Loop/Scan bodies gets a copy per body.
         key = ("dq", id(home))
         if key not in made:
             per_channel = block is None
@@ -443,9 +447,10 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
             else _const(graph, self.namer, f"{value.name}_zp", np.asarray(zp).view(np.uint8))
         )
         lut_v = _const(graph, self.namer, f"{value.name}_decode", lut.reshape(256, per))
-        for node in uses.gather:
+        for node in uses.gather:  # the rows are decoded where the Gather is (a body, maybe)
+            home = node.graph if node.graph is not None else graph
             ids = node.inputs[1]
-            b = _Builder(graph, self.namer, node)
+            b = _Builder(home, self.namer, node)
             base = node.name or value.name
             ids_shape = b.op("Shape", [ids], base)
 
@@ -463,7 +468,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 vals = b.op("Reshape", [vals, shape(cols)], base)
                 ins = [vals, sg] + ([b.op("Gather", [z_v, ids], base, axis=0)] if z_v is not None else [])
                 out = b.op("DequantizeLinear", ins, base, axis=-1, block_size=bsize)
-            _take_over(graph, node, out, dtype)
+            _take_over(home, node, out, dtype)
         for t, matmuls in uses.transposed:  # the tied lm_head reads the same bytes
             self._tied(
                 graph, value, t, matmuls, t_v, s_v, z_v, lut_v, scale, zp, rows, cols, bsize, wtype, dtype
