@@ -485,3 +485,24 @@ def test_merged_decoder_weight_only_stores_shared_weights_once(
             got = session.run(None, merged_feed)[0]
             np.testing.assert_allclose(got, plain_q.run(None, feed)[0], rtol=1e-4, atol=1e-4)
             assert np.isfinite(fp32.run(None, merged_feed)[0]).all()
+
+
+def test_merged_decoder_dynamic_plans_each_branch(model_path, calib_feeds, tmp_path) -> None:
+    """Dynamic quantization of tiny-llama merged into an If: both branches hold nodes of the same
+    names, so each body gets a plan of its own (one plan keyed by name counted them once)."""
+    from models.merged import branch_feed, merge_into_if
+
+    plain = model_path("tiny-llama")
+    onnx.save(merge_into_if(onnx.load(str(plain))), tmp_path / "merged.onnx")
+    feeds = calib_feeds("tiny-llama", 4)
+    config = onnxq.QuantConfig(calibration=onnxq.Dynamic())
+    base = onnxq.quantize(plain, feeds, config=config, output=tmp_path / "plain_q.onnx", progress=False)
+    result = onnxq.quantize(
+        tmp_path / "merged.onnx",
+        [branch_feed(f, i) for i, f in enumerate(feeds)],
+        config=config,
+        output=tmp_path / "merged_q.onnx",
+        progress=False,
+    )
+    assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
+    assert result.summary.fidelity[0].cosine == pytest.approx(base.summary.fidelity[0].cosine, abs=1e-6)

@@ -63,7 +63,16 @@ from onnxq.data import Sample
 from onnxq.errors import ConfigError
 from onnxq.passes._util import Namer, add_initializer, constant_array, release
 from onnxq.passes.cleanup import Cleanup
-from onnxq.plan import SENTINEL_MAGNITUDE, NodePlan, Planner, QuantPlan, TensorPlan, from_integers
+from onnxq.plan import (
+    SENTINEL_MAGNITUDE,
+    BodyPlan,
+    NodePlan,
+    Planner,
+    QuantPlan,
+    TensorPlan,
+    bodies_of,
+    from_integers,
+)
 from onnxq.qmath import channel_range, int_type, quantize, scale_zero_point
 
 Form = Literal["integer", "qdq"]
@@ -129,8 +138,17 @@ class DynamicPlanner(Planner):
     """
 
     def plan(self, model: ir.Model) -> QuantPlan:
+        """The main graph's plan, with a plan per If/Loop/Scan body in ``bodies`` (node names are
+        unique within a graph, not across a merged decoder's branches)."""
+        plan = self._plan_graph(model.graph)
+        plan.bodies = [
+            BodyPlan(body, label, self._plan_graph(body)) for label, body in bodies_of(model.graph)
+        ]
+        return plan
+
+    def _plan_graph(self, graph: ir.Graph) -> QuantPlan:
         plan = QuantPlan()
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):  # If/Loop/Scan bodies too
+        for node in graph:
             name, op = node.name or "", node.op_type
             if node.domain not in ("", "ai.onnx"):
                 plan.nodes[name] = NodePlan(name, op, False, f"custom-domain op ({node.domain})")
@@ -265,7 +283,13 @@ class DynamicQuantize(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         namer = Namer(model.graph)
-        weights = {node: t for t in self.plan.weights.values() for node, _ in t.consumers}
+        plans = {id(model.graph): self.plan, **{id(b.graph): b.plan for b in self.plan.bodies}}
+        weights = {
+            (graph, node): t
+            for graph, p in plans.items()
+            for t in p.weights.values()
+            for node, _ in t.consumers
+        }
         # Per graph: a node inside an If/Loop/Scan body gets its integer weight and its quantized
         # input in that body (ORT's fusions do not resolve outer-scope initializers).
         stored: dict[tuple[int, str, bool, float], tuple[ir.Value, ir.Value, ir.Value | None]] = {}
@@ -273,10 +297,11 @@ class DynamicQuantize(ir.passes.InPlacePass):
         modified = False
         nodes = [(g, n) for g in model.graphs() for n in list(g)]
         for graph, node in nodes:
-            decision = self.plan.nodes.get(node.name or "")
-            if decision is None or not decision.quantized or node.name not in weights:
+            plan = plans.get(id(graph))
+            decision = plan.nodes.get(node.name or "") if plan is not None else None
+            wplan = weights.get((id(graph), node.name or ""))
+            if decision is None or not decision.quantized or wplan is None:
                 continue
-            wplan = weights[node.name or ""]
             if node.op_type == "Gather":
                 self._gather(graph, namer, node, wplan, stored)
                 modified = True
@@ -341,7 +366,7 @@ class DynamicQuantize(ir.passes.InPlacePass):
                 graph, node, [node], new, [node.outputs[0]], [y.outputs[0]]
             )
             modified = True
-        for value in {w for n in self.plan.weights.values() for w in [n.name]}:
+        for value in {t.name for p in plans.values() for t in p.weights.values()}:
             for graph in model.graphs():
                 init = graph.initializers.get(value)
                 if init is not None and not init.uses() and not init.is_graph_output():
