@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 # reduction with the node that feeds it (onnxq.segments.split's sidecars).
 PREFIX = "onnxq_body"
 
-Key = tuple  # (id of the body graph, value name[, channels])
+Key = tuple[int, str, int | None]  # (id of the body graph, value name, channels; None: its range)
 
 
 class _Names:
@@ -140,7 +140,7 @@ def _expose(
     build = _Builder(graph, names, opset)
     found: list[tuple[Key, tuple[_Stat, ...], list[str]]] = []
     for value, k in wanted.get(id(ir_graph), ()):
-        key = (id(ir_graph), value) if k is None else (id(ir_graph), value, k)
+        key = (id(ir_graph), value, k)
         if k is None:
             found.append((key, _RANGE, build.range_of(value)))
         else:
@@ -219,8 +219,8 @@ def expose_statistics(
     out_channels: dict[tuple[int, str], tuple[str, str, str, str]] = {}
     for key, stats, values in found:
         proto.graph.output.extend(_info(v, stat) for v, stat in zip(values, stats, strict=True))
-        if len(key) == 2:
-            out_ranges[key] = tuple(values)  # type: ignore[index,assignment]
+        if key[2] is None:
+            out_ranges[key[:2]] = tuple(values)  # type: ignore[assignment]
         else:
-            out_channels[key[:2]] = tuple(values)  # type: ignore[index,assignment]
+            out_channels[key[:2]] = tuple(values)  # type: ignore[assignment]
     return out_ranges, out_channels
