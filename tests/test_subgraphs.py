@@ -506,3 +506,53 @@ def test_merged_decoder_dynamic_plans_each_branch(model_path, calib_feeds, tmp_p
     )
     assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
     assert result.summary.fidelity[0].cosine == pytest.approx(base.summary.fidelity[0].cosine, abs=1e-6)
+
+
+@pytest.mark.parametrize("weight_format", ["dequantize_linear", "matmul_nbits"])
+def test_tied_table_read_inside_branches_is_quantized_once(tmp_path, weight_format) -> None:
+    """A tied embedding read in both branches of an If, as rows (Gather) and as the lm_head
+    (``Transpose`` → MatMul): stored once as int4 in the main graph, with the same outputs as the
+    plain model's weight-only quantization."""
+    from models.merged import branch_feed, merge_into_if
+
+    vocab, hidden = 64, 32
+    table = RNG.normal(size=(vocab, hidden)).astype(np.float32)
+    plain = make_model(
+        [
+            helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+            helper.make_node("Transpose", ["E"], ["Et"], name="tie", perm=[1, 0]),
+            helper.make_node("MatMul", ["h", "Et"], ["logits"], name="lm_head"),
+        ],
+        [tensor_info("ids", TensorProto.INT64, [1, 8])],
+        [tensor_info("logits", shape=[1, 8, vocab])],
+        {"E": table},
+    )
+    feeds = [{"ids": RNG.integers(0, vocab, size=(1, 8))} for _ in range(4)]
+    config = onnxq.QuantConfig.weight_only("int4", 16, weight_format=weight_format)
+    base = onnxq.quantize(plain, feeds, config=config, output=tmp_path / "plain_q.onnx", progress=False)
+    result = onnxq.quantize(
+        merge_into_if(plain),
+        [branch_feed(f, i) for i, f in enumerate(feeds)],
+        config=config,
+        output=tmp_path / "merged_q.onnx",
+        progress=False,
+    )
+    assert not result.summary.float_nodes
+    assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
+    written = onnx.load(str(tmp_path / "merged_q.onnx"))
+    float_tables = [list(t.dims) for t in written.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert [vocab, hidden] not in float_tables and [hidden, vocab] not in float_tables
+    packed = [t for t in written.graph.initializer if t.name.startswith("E_packed")]
+    assert len(packed) == 1
+    for attr in written.graph.node[-1].attribute:
+        assert not [t for t in attr.g.initializer if len(t.dims) == 2]
+    session = ort.InferenceSession(str(tmp_path / "merged_q.onnx"), providers=["CPUExecutionProvider"])
+    plain_q = ort.InferenceSession(str(tmp_path / "plain_q.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        for branch in (0, 1):
+            np.testing.assert_allclose(
+                session.run(None, branch_feed(feed, branch))[0],
+                plain_q.run(None, feed)[0],
+                rtol=1e-5,
+                atol=1e-5,
+            )

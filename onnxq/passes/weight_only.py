@@ -74,7 +74,8 @@ def _uses(value: ir.Value) -> Uses:
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         inside = node.graph is not value.graph
         table = op == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0
-        if inside and not ((op == "MatMul" and index == 1) or (op == "Gemm" and index == 1) or table):
+        transpose = op == "Transpose" and list(node.attributes.get_ints("perm", [1, 0])) == [1, 0]
+        if inside and not ((op in ("MatMul", "Gemm") and index == 1) or table or transpose):
             uses.other = f"read by {op} inside a subgraph (If/Loop/Scan body), which is left float"
         elif op == "MatMul" and index == 1:
             uses.matmul.append(node)
@@ -82,7 +83,7 @@ def _uses(value: ir.Value) -> Uses:
             uses.gemm.append(node)
         elif op == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
             uses.gather.append(node)
-        elif op == "Transpose" and list(node.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+        elif transpose:
             out = node.outputs[0]
             readers = [n for n, i in out.uses() if n.op_type == "MatMul" and i == 1]
             if out.is_graph_output() or len(readers) != len(out.uses()):
@@ -280,7 +281,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 self.quantized[node.op_type] = self.quantized.get(node.op_type, 0) + 1
             for t, _ in uses.transposed:
                 if not t.outputs[0].uses():
-                    graph.remove(t, safe=True)
+                    (t.graph if t.graph is not None else graph).remove(t, safe=True)
             if not value.uses():
                 graph.initializers.pop(name)
             modified = True
@@ -477,7 +478,9 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
     def _tied(
         self, graph, value, t, matmuls, t_v, s_v, z_v, lut_v, scale, zp, rows, cols, bsize, wtype, dtype
     ):
-        b = _Builder(graph, self.namer, t)
+        # The lm_head's weight is made from constants only: in ``graph``, before the node that is
+        # or holds the Transpose (an If whose branch has it), so ORT folds it at load either way.
+        b = _Builder(graph, self.namer, _first_use(graph, [t]))
         base = f"{value.name}_tied"
         if (
             self.nbits
