@@ -434,20 +434,15 @@ def test_a_branch_returning_an_outer_value_keeps_its_identity(tmp_path, config) 
     np.testing.assert_array_equal(session.run(None, feeds[0])[0], np.maximum(feeds[0]["x"], 0))
 
 
-@pytest.mark.parametrize("weight_format", ["dequantize_linear", "matmul_nbits"])
-def test_merged_decoder_weight_only_stores_shared_weights_once(
-    model_path, calib_feeds, tmp_path, weight_format
-) -> None:
-    """Weight-only int4 of tiny-llama merged into an If: the embedding table is quantized in both
-    branches (rows decoded in each) and stored once; with MatMulNBits every MatMul weight is stored
-    once too (ORT pre-packs it from the main graph), so the integers equal the plain model's; the
-    DequantizeLinear form copies MatMul weights into each branch (ORT's fusion needs them local)."""
+def _plain_and_merged_tiny_llama(model_path, calib_feeds, tmp_path: Path, config: onnxq.QuantConfig):
+    """tiny-llama and its merged layout (``merged.onnx``) quantized with ``config`` on 4 samples (the
+    merged model's alternate branches): ``(feeds, plain result, merged result)``, written to
+    ``plain_q.onnx`` and ``merged_q.onnx``."""
     from models.merged import branch_feed, merge_into_if
 
     plain = model_path("tiny-llama")
     onnx.save(merge_into_if(onnx.load(str(plain))), tmp_path / "merged.onnx")
     feeds = calib_feeds("tiny-llama", 4)
-    config = onnxq.QuantConfig.weight_only("int4", 32, weight_format=weight_format)
     base = onnxq.quantize(plain, feeds, config=config, output=tmp_path / "plain_q.onnx", progress=False)
     result = onnxq.quantize(
         tmp_path / "merged.onnx",
@@ -456,6 +451,21 @@ def test_merged_decoder_weight_only_stores_shared_weights_once(
         output=tmp_path / "merged_q.onnx",
         progress=False,
     )
+    return feeds, base, result
+
+
+@pytest.mark.parametrize("weight_format", ["dequantize_linear", "matmul_nbits"])
+def test_merged_decoder_weight_only_stores_shared_weights_once(
+    model_path, calib_feeds, tmp_path, weight_format
+) -> None:
+    """Weight-only int4 of tiny-llama merged into an If: the embedding table is quantized in both
+    branches (rows decoded in each) and stored once; with MatMulNBits every MatMul weight is stored
+    once too (ORT pre-packs it from the main graph), so the integers equal the plain model's; the
+    DequantizeLinear form copies MatMul weights into each branch (ORT's fusion needs them local)."""
+    from models.merged import branch_feed
+
+    config = onnxq.QuantConfig.weight_only("int4", 32, weight_format=weight_format)
+    feeds, base, result = _plain_and_merged_tiny_llama(model_path, calib_feeds, tmp_path, config)
     assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
     assert not result.summary.float_nodes
 
@@ -490,20 +500,8 @@ def test_merged_decoder_weight_only_stores_shared_weights_once(
 def test_merged_decoder_dynamic_plans_each_branch(model_path, calib_feeds, tmp_path) -> None:
     """Dynamic quantization of tiny-llama merged into an If: both branches hold nodes of the same
     names, so each body gets a plan of its own (one plan keyed by name counted them once)."""
-    from models.merged import branch_feed, merge_into_if
-
-    plain = model_path("tiny-llama")
-    onnx.save(merge_into_if(onnx.load(str(plain))), tmp_path / "merged.onnx")
-    feeds = calib_feeds("tiny-llama", 4)
     config = onnxq.QuantConfig(calibration=onnxq.Dynamic())
-    base = onnxq.quantize(plain, feeds, config=config, output=tmp_path / "plain_q.onnx", progress=False)
-    result = onnxq.quantize(
-        tmp_path / "merged.onnx",
-        [branch_feed(f, i) for i, f in enumerate(feeds)],
-        config=config,
-        output=tmp_path / "merged_q.onnx",
-        progress=False,
-    )
+    _, base, result = _plain_and_merged_tiny_llama(model_path, calib_feeds, tmp_path, config)
     assert result.summary.quantized_nodes == {k: 2 * v for k, v in base.summary.quantized_nodes.items()}
     assert result.summary.fidelity[0].cosine == pytest.approx(base.summary.fidelity[0].cosine, abs=1e-6)
 
