@@ -84,13 +84,21 @@ from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
 from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
-from onnxq.passes.smooth import SmoothActivations, choose_scales, find_candidates
+from onnxq.passes.smooth import (
+    SmoothActivations,
+    SmoothBodies,
+    choose_body_scales,
+    choose_scales,
+    find_body_candidates,
+    find_candidates,
+)
 from onnxq.passes.upgrade_opset import OPSET_16BIT
 from onnxq.pipeline import (
     _default_output,
     _file_size,
     _real_positions,
     _same_shapes,
+    body_channels,
     check_model_file,
     make_plan,
     prepare_model,
@@ -469,6 +477,10 @@ class _Builder:
         self.notes = notes
         plan = make_plan(model, self.base)
         tensors, channels = _measured(model, plan, self.base)
+        # Bodies keep the base plan's quantization in every trial (the search ranks main-graph
+        # nodes), with their ranges and SmoothQuant statistics keyed by body label: every trial
+        # loads the model afresh, so its bodies are other objects.
+        in_bodies = find_body_candidates(plan.bodies) if self.base.smoothing is not None else {}
         self.calibration = calibrate(
             model,
             tensors,
@@ -478,7 +490,12 @@ class _Builder:
             keep=0,
             progress=False,
             channels=channels,
+            bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
+            body_channels=body_channels(in_bodies),
         )
+        labels = {id(b.graph): b.label for b in plan.bodies}
+        self.body_ranges = {labels[k]: v for k, v in self.calibration.body_ranges.items()}
+        self.body_stats = {labels[k]: v for k, v in self.calibration.body_channels.items()}
 
     def config(self, nodes: Sequence[str]) -> QuantConfig:
         """The plain QuantConfig that keeps ``nodes`` out of 8 bits."""
@@ -521,8 +538,25 @@ class _Builder:
             choose_scales(candidates, stats, plan, config.smoothing) if config.smoothing is not None else {}
         )
         smoothing = SmoothActivations(plan, trial_ranges, candidates, scales, stats)
+        ids = {b.label: id(b.graph) for b in plan.bodies}
+        body_ranges = {ids[k]: dict(v) for k, v in self.body_ranges.items() if k in ids}
+        body_stats = {ids[k]: v for k, v in self.body_stats.items() if k in ids}
+        in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
+        body_scales = (
+            choose_body_scales(in_bodies, body_stats, config.smoothing)
+            if config.smoothing is not None
+            else {}
+        )
+        body_smoothing = SmoothBodies(in_bodies, body_scales, body_stats, body_ranges)
         try:
-            rewrite_passes(plan, trial_ranges, smoothing, self.rules)(model)
+            rewrite_passes(
+                plan,
+                trial_ranges,
+                smoothing,
+                self.rules,
+                body_ranges=body_ranges,
+                body_smoothing=body_smoothing,
+            )(model)
             KeepDeclaredTypes(self.declared)(model)
         except OnnxqError:
             raise
@@ -537,7 +571,8 @@ class _Builder:
         path = save_model(model, folder / self.file_name)
         if not nodes:
             self.base_plan = plan
-        return path, plan, {name: alpha for name, (_, alpha) in scales.items()}, config
+        alphas = {name: alpha for name, (_, alpha) in (*scales.items(), *body_scales.items())}
+        return path, plan, alphas, config
 
 
 def _measured(

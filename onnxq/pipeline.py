@@ -483,7 +483,7 @@ def _calibrated_rewrite(
         channels=candidates,
         means=bc_stats.tensors if bc_stats is not None else None,
         bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
-        body_channels=_body_channels(in_bodies),
+        body_channels=body_channels(in_bodies),
     )
     if bc_stats is not None:
         bc_stats.remove()
@@ -512,7 +512,7 @@ def _calibrated_rewrite(
     return plan, calibration, {**scales, **body_scales}, rewrite
 
 
-def _body_channels(candidates: dict[str, BodyCandidate]) -> dict[int, list[tuple[str, int]]]:
+def body_channels(candidates: dict[str, BodyCandidate]) -> dict[int, list[tuple[str, int]]]:
     """Body id → ``(activation, channels)`` whose per-channel statistics SmoothQuant needs."""
     wanted: dict[int, list[tuple[str, int]]] = {}
     for cand in candidates.values():

@@ -207,3 +207,24 @@ def test_budget_validation():
     budget = MixedPrecision(min_cosine=0.99, max_float_nodes=3)
     assert MixedPrecision.from_dict(budget.to_dict()) == budget
     assert escape_name("a[0]/b*?") == "a[[]0]/b[*][?]"
+
+
+def test_merged_decoder_bodies_are_quantized_as_by_quantize(model_path, calib_feeds, tmp_path) -> None:
+    """A model whose layers live in If branches (tiny-llama merged): the search ranks main-graph
+    nodes, the bodies keep the base plan's quantization (ranges and SmoothQuant from the one
+    calibration), and the result is the same bytes as ``onnxq.quantize(config=result.config)``."""
+    import onnx
+
+    from models.merged import branch_feed, merge_into_if
+
+    onnx.save(merge_into_if(onnx.load(str(model_path("tiny-llama")))), tmp_path / "merged.onnx")
+    feeds = [branch_feed(f, i) for i, f in enumerate(calib_feeds("tiny-llama", 8))]
+    budget = MixedPrecision(min_cosine=0.99, measure_latency=False)
+    result = quantize_mixed(
+        tmp_path / "merged.onnx", feeds, budget, output=tmp_path / "amp.onnx", progress=False
+    )
+    official = onnxq.quantize(
+        tmp_path / "merged.onnx", feeds, config=result.config, output=tmp_path / "q.onnx", progress=False
+    )
+    assert official.summary.quantized_nodes["MatMul"] > 0
+    assert official.output_path.read_bytes() == result.output_path.read_bytes()
