@@ -86,11 +86,11 @@ from onnxq.model_io import load_model, save_model
 from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
 from onnxq.passes.smooth import (
     SmoothActivations,
-    SmoothBodies,
-    choose_body_scales,
+    body_channels,
     choose_scales,
     find_body_candidates,
     find_candidates,
+    smooth_bodies,
 )
 from onnxq.passes.upgrade_opset import OPSET_16BIT
 from onnxq.pipeline import (
@@ -98,7 +98,6 @@ from onnxq.pipeline import (
     _file_size,
     _real_positions,
     _same_shapes,
-    body_channels,
     check_model_file,
     make_plan,
     prepare_model,
@@ -542,12 +541,7 @@ class _Builder:
         body_ranges = {ids[k]: dict(v) for k, v in self.body_ranges.items() if k in ids}
         body_stats = {ids[k]: v for k, v in self.body_stats.items() if k in ids}
         in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
-        body_scales = (
-            choose_body_scales(in_bodies, body_stats, config.smoothing)
-            if config.smoothing is not None
-            else {}
-        )
-        body_smoothing = SmoothBodies(in_bodies, body_scales, body_stats, body_ranges)
+        body_smoothing = smooth_bodies(in_bodies, body_stats, body_ranges, config.smoothing)
         try:
             rewrite_passes(
                 plan,
@@ -571,7 +565,7 @@ class _Builder:
         path = save_model(model, folder / self.file_name)
         if not nodes:
             self.base_plan = plan
-        alphas = {name: alpha for name, (_, alpha) in (*scales.items(), *body_scales.items())}
+        alphas = {name: alpha for name, (_, alpha) in (*scales.items(), *body_smoothing.scales.items())}
         return path, plan, alphas, config
 
 

@@ -59,13 +59,13 @@ from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
 from onnxq.passes.quantize_bodies import QuantizeBodies
 from onnxq.passes.smooth import (
-    BodyCandidate,
     SmoothActivations,
     SmoothBodies,
-    choose_body_scales,
+    body_channels,
     choose_scales,
     find_body_candidates,
     find_candidates,
+    smooth_bodies,
 )
 from onnxq.passes.static_shapes import FixInputShapes, RefreshShapes
 from onnxq.passes.upcast_half import UpcastHalf
@@ -493,12 +493,9 @@ def _calibrated_rewrite(
         else {}
     )
     smoothing = SmoothActivations(plan, calibration.ranges, candidates, scales, calibration.channels)
-    body_scales = (
-        choose_body_scales(in_bodies, calibration.body_channels, config.smoothing)
-        if config.smoothing is not None
-        else {}
+    body_smoothing = smooth_bodies(
+        in_bodies, calibration.body_channels, calibration.body_ranges, config.smoothing
     )
-    body_smoothing = SmoothBodies(in_bodies, body_scales, calibration.body_channels, calibration.body_ranges)
     correct = CorrectBias(bc, bc_stats.inputs, calibration.means) if bc_stats is not None else None
     rewrite = rewrite_passes(
         plan,
@@ -509,17 +506,7 @@ def _calibrated_rewrite(
         calibration.body_ranges,
         body_smoothing,
     )
-    return plan, calibration, {**scales, **body_scales}, rewrite
-
-
-def body_channels(candidates: dict[str, BodyCandidate]) -> dict[int, list[tuple[str, int]]]:
-    """Body id → ``(activation, channels)`` whose per-channel statistics SmoothQuant needs."""
-    wanted: dict[int, list[tuple[str, int]]] = {}
-    for cand in candidates.values():
-        k = cand.weights[0].const_value.shape[0]  # type: ignore[union-attr]
-        for m in cand.members:
-            wanted.setdefault(id(m.body.graph), []).append((m.name, k))
-    return wanted
+    return plan, calibration, {**scales, **body_smoothing.scales}, rewrite
 
 
 def check_model_file(path: Path) -> None:

@@ -191,9 +191,9 @@ def choose_scale(
     return (best_s, best_alpha) if best_alpha >= 0 else None
 
 
-def _per_channel_weights(plan: QuantPlan, weight: ir.Value) -> bool:
-    specs = {t.name: t.spec for t in plan.weights.values()}
-    return not isinstance(specs[weight.name].granularity, PerTensor)
+def _per_channel_weights(plan: QuantPlan) -> dict[str, bool]:
+    """Weight name → whether ``plan`` quantizes it per channel."""
+    return {t.name: not isinstance(t.spec.granularity, PerTensor) for t in plan.weights.values()}
 
 
 def choose_scales(
@@ -203,11 +203,11 @@ def choose_scales(
     config: SmoothQuant,
 ) -> dict[str, tuple[np.ndarray, float]]:
     """Per candidate, the smoothing factors ``s`` and the α chosen; tensors not worth it are absent."""
+    per_channel = _per_channel_weights(plan)
     chosen: dict[str, tuple[np.ndarray, float]] = {}
     for name, cand in candidates.items():
         spec = plan.activations[name].spec
-        per_channel = _per_channel_weights(plan, cand.weights[0])
-        found = choose_scale(cand.weights, stats.get(name), spec, per_channel, config)
+        found = choose_scale(cand.weights, stats.get(name), spec, per_channel[cand.weights[0].name], config)
         if found is not None:
             chosen[name] = found
     return chosen
@@ -220,6 +220,7 @@ def choose_body_scales(
 ) -> dict[str, tuple[np.ndarray, float]]:
     """:func:`choose_scales` for body candidates, each from its members' pooled statistics (members
     that never ran add nothing)."""
+    per_channel: dict[int, dict[str, bool]] = {}
     chosen: dict[str, tuple[np.ndarray, float]] = {}
     for key, cand in candidates.items():
         pooled = ChannelStats()
@@ -227,11 +228,34 @@ def choose_body_scales(
             pooled.merge(stats.get(id(m.body.graph), {}).get(m.name, ChannelStats()))
         first = cand.members[0]
         spec = first.body.plan.activations[first.name].spec
-        per_channel = _per_channel_weights(first.body.plan, cand.weights[0])
-        found = choose_scale(cand.weights, pooled, spec, per_channel, config)
+        specs = per_channel.setdefault(id(first.body.graph), _per_channel_weights(first.body.plan))
+        found = choose_scale(cand.weights, pooled, spec, specs[cand.weights[0].name], config)
         if found is not None:
             chosen[key] = found
     return chosen
+
+
+def body_channels(candidates: dict[str, BodyCandidate]) -> dict[int, list[tuple[str, int]]]:
+    """Body id → ``(activation, channels)`` whose per-channel statistics the candidates need (what
+    :func:`onnxq.calibrate.calibrate` takes as ``body_channels``)."""
+    wanted: dict[int, list[tuple[str, int]]] = {}
+    for cand in candidates.values():
+        k = cand.weights[0].const_value.shape[0]  # type: ignore[union-attr]
+        for m in cand.members:
+            wanted.setdefault(id(m.body.graph), []).append((m.name, k))
+    return wanted
+
+
+def smooth_bodies(
+    candidates: dict[str, BodyCandidate],
+    stats: dict[int, dict[str, ChannelStats]],
+    ranges: dict[int, dict[str, tuple[float, float]]],
+    config: SmoothQuant | None,
+) -> SmoothBodies:
+    """The :class:`SmoothBodies` pass for ``candidates`` with the scales ``config`` chooses from
+    ``stats`` (none without ``config``); its ``scales`` hold them."""
+    scales = choose_body_scales(candidates, stats, config) if config is not None else {}
+    return SmoothBodies(candidates, scales, stats, ranges)
 
 
 def _per_channel_constant(value: ir.Value | None, k: int) -> np.ndarray | None:
