@@ -16,6 +16,7 @@ so that it is recognised as holding sentinels and kept float.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,22 @@ BINS = 8192
 """Bins over ``[-R, R)``; the data's own range always covers at least a quarter of them per side."""
 
 _CHUNK = 1 << 17  # values binned per step
+_scratch = threading.local()
+
+
+def _chunk_buffers() -> tuple[np.ndarray, np.ndarray]:
+    """This thread's two chunk-sized buffers (float32 values, intp bin indices), reused by every update.
+
+    Calibration fixes glibc's mmap threshold at 128 KiB
+    (:func:`onnxq.calibrate.return_large_blocks_promptly`), so buffers made afresh per update would be
+    new mappings, page-faulted in on every call: that tripled the cost of binning. The indices are
+    ``intp`` because ``np.bincount`` converts anything else to ``intp`` in a temporary of its own.
+    """
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = (np.empty(_CHUNK, dtype=np.float32), np.empty(_CHUNK, dtype=np.intp))
+    return buffers
+
 
 MSE_SEARCH_BINS = 1024
 """At most this many points enter the MSE range search (see :func:`mse_range`)."""
@@ -65,6 +82,9 @@ class HistogramObserver:
 
     def _grow_to(self, exponent: int) -> None:
         """Double ``R`` until it is ``2**exponent``, merging bins pairwise (exact)."""
+        if self.exponent < exponent and not self.counts.any():
+            self.exponent = exponent  # nothing to merge yet: the first batch sets R at once
+            return
         while self.exponent < exponent:
             merged = self.counts.reshape(-1, 2).sum(axis=1)
             self.counts = np.zeros(BINS, dtype=np.int64)
@@ -83,13 +103,12 @@ class HistogramObserver:
         self._grow_to(_pow2_above(max(abs(lo), abs(hi))))
         # BINS / (2R) is a power of two, so the multiply is exact and the binning is order-independent.
         # Flooring before the offset keeps it exact too (no float rounding near a bin edge). Chunks
-        # reuse two small buffers: cache-resident, and no tensor-sized temporaries.
+        # go through this thread's two chunk buffers: cache-resident, no tensor-sized temporaries.
         # Every value is in [-R, R) (R is a power of two strictly above the extremes), so the floored
         # offset index lies in [0, BINS): adding BINS/2 to an integer-valued float32 is exact.
         factor = np.float32(BINS / (2 * self.limit))
         flat = values.astype(np.float32, copy=False).ravel()
-        scaled = np.empty(min(flat.size, _CHUNK), dtype=np.float32)
-        bins = np.empty(scaled.size, dtype=np.int32)
+        scaled, bins = _chunk_buffers()
         counts = np.zeros(BINS, dtype=np.int64)
         for start in range(0, flat.size, _CHUNK):
             chunk = flat[start : start + _CHUNK]
@@ -244,8 +263,9 @@ def entropy_range(
     return _clip(observer, -t, t)
 
 
-def _expected_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                    qtype: IntType, symmetric: bool) -> np.ndarray:
+def _expected_error(
+    centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, qtype: IntType, symmetric: bool
+) -> np.ndarray:
     """Sum over bins of count · (x − dequant(quant(x)))² for each candidate range (vectorised)."""
     scale, zero = scale_zero_point(lo, hi, qtype, symmetric)
     scale = scale.astype(np.float64)[:, None]
@@ -293,9 +313,11 @@ def mse_range(
     lo, hi = lo0 * f, hi0 * f
     for _ in range(2):
         his = np.linspace(hi / 2, hi0, candidates) if hi > 0 else np.array([hi])
-        hi = float(his[int(np.argmin(_expected_error(centers, counts, np.full_like(his, lo), his,
-                                                     qtype, False)))])
+        hi = float(
+            his[int(np.argmin(_expected_error(centers, counts, np.full_like(his, lo), his, qtype, False)))]
+        )
         los = np.linspace(lo0, lo / 2, candidates) if lo < 0 else np.array([lo])
-        lo = float(los[int(np.argmin(_expected_error(centers, counts, los, np.full_like(los, hi),
-                                                     qtype, False)))])
+        lo = float(
+            los[int(np.argmin(_expected_error(centers, counts, los, np.full_like(los, hi), qtype, False)))]
+        )
     return _clip(observer, lo, hi)

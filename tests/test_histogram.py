@@ -112,6 +112,20 @@ def test_merging_shards_with_different_ranges_equals_one_pass() -> None:
     assert observe(shards[0]).merge(HistogramObserver()).total == shards[0].size  # empty shard: no-op
 
 
+def test_threads_binning_at_once_get_their_own_counts() -> None:
+    # Each thread bins through scratch buffers of its own; tensors span several chunks.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    tensors = [rng.normal(0, 1 + i, 300_000).astype(np.float32) for i in range(4)]
+    alone = [observe(t) for t in tensors]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda t: observe(t, t, t), tensors))
+    for a, b, t in zip(alone, together, tensors, strict=True):
+        assert b.exponent == a.exponent and b.total == 3 * t.size
+        np.testing.assert_array_equal(b.counts, 3 * a.counts)
+
+
 def test_state_round_trip_through_json() -> None:
     h = observe(*GROWING)
     state = json.loads(json.dumps(h.state()))
