@@ -277,73 +277,53 @@ class _Augment:
         self.outputs: list[ir.Value] = []
         self.axes: list[ir.Value] = []
 
+    def _expose(self, graph: ir.Graph, node: ir.Node, dtype: ir.DataType | None) -> str:
+        """Append ``node`` and make its output, named as the node, a graph output (removed on exit)."""
+        out = node.outputs[0]
+        out.name, out.dtype = node.name, dtype
+        graph.append(node)
+        graph.outputs.append(out)
+        self.nodes.append(node)
+        self.outputs.append(out)
+        return out.name  # type: ignore[return-value]
+
+    def _reduce(self, graph: ir.Graph, op: str, value: ir.Value, axes: list[int], name: str) -> str:
+        """``op(value)`` over ``axes`` without keepdims (axes as an input from opset 18) as an output."""
+        opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
+        if opset >= 18:
+            axes_value = ir.Value(name=f"{name}_axes", const_value=ir.tensor(np.array(axes, dtype=np.int64)))
+            graph.register_initializer(axes_value)
+            self.axes.append(axes_value)
+            node = ir.node(op, [value, axes_value], attributes={"keepdims": 0}, name=name)
+        else:
+            node = ir.node(op, [value], attributes={"keepdims": 0, "axes": axes}, name=name)
+        return self._expose(graph, node, value.dtype)
+
+    def _shape(self, graph: ir.Graph, value: ir.Value, name: str) -> str:
+        return self._expose(graph, ir.node("Shape", [value], name=name), ir.DataType.INT64)
+
     def _add_channel_reductions(self, graph: ir.Graph, values: dict[str, ir.Value]) -> None:
         """ReduceMin/ReduceMax/ReduceSumSquare over every axis but the last, for ``channels``."""
-        opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
         for i, name in enumerate(self.channels):
             value = values[name]
-            rank = len(value.shape)  # type: ignore[arg-type]
-            axes = list(range(rank - 1))
-            triple = []
-            for op in ("ReduceMin", "ReduceMax", "ReduceSumSquare"):
-                node_name = f"onnxq_channel_{op}_{i}"
-                if opset >= 18:
-                    axes_value = ir.Value(
-                        name=f"{node_name}_axes", const_value=ir.tensor(np.array(axes, dtype=np.int64))
-                    )
-                    graph.register_initializer(axes_value)
-                    self.axes.append(axes_value)
-                    node = ir.node(op, [value, axes_value], attributes={"keepdims": 0}, name=node_name)
-                else:
-                    node = ir.node(op, [value], attributes={"keepdims": 0, "axes": axes}, name=node_name)
-                node.outputs[0].name = node_name
-                node.outputs[0].dtype = value.dtype
-                graph.append(node)
-                graph.outputs.append(node.outputs[0])
-                self.nodes.append(node)
-                self.outputs.append(node.outputs[0])
-                triple.append(node_name)
-            shape = ir.node("Shape", [value], name=f"onnxq_channel_Shape_{i}")
-            shape.outputs[0].name = f"onnxq_channel_Shape_{i}"
-            shape.outputs[0].dtype = ir.DataType.INT64
-            graph.append(shape)
-            graph.outputs.append(shape.outputs[0])
-            self.nodes.append(shape)
-            self.outputs.append(shape.outputs[0])
-            self.channel_names[name] = (triple[0], triple[1], triple[2], shape.outputs[0].name)
+            axes = list(range(len(value.shape) - 1))  # type: ignore[arg-type]
+            lo, hi, sq = (
+                self._reduce(graph, op, value, axes, f"onnxq_channel_{op}_{i}")
+                for op in ("ReduceMin", "ReduceMax", "ReduceSumSquare")
+            )
+            self.channel_names[name] = (lo, hi, sq, self._shape(graph, value, f"onnxq_channel_Shape_{i}"))
 
     def _add_channel_means(self, graph: ir.Graph, values: dict[str, ir.Value]) -> None:
         """ReduceMean over every axis but the channel axis (and a Shape), for ``means``."""
-        opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
         for i, (name, axis) in enumerate(self.means.items()):
             value = values.get(name)
             if value is None or value.shape is None:
                 continue
             rank = len(value.shape)
             axis = axis % rank
-            axes = [a for a in range(rank) if a != axis]
             node_name = f"onnxq_channel_mean_{i}"
-            if opset >= 18:
-                axes_value = ir.Value(
-                    name=f"{node_name}_axes", const_value=ir.tensor(np.array(axes, dtype=np.int64))
-                )
-                graph.register_initializer(axes_value)
-                self.axes.append(axes_value)
-                node = ir.node("ReduceMean", [value, axes_value], attributes={"keepdims": 0}, name=node_name)
-            else:
-                attrs = {"keepdims": 0, "axes": axes}
-                node = ir.node("ReduceMean", [value], attributes=attrs, name=node_name)
-            node.outputs[0].name = node_name
-            node.outputs[0].dtype = value.dtype
-            shape = ir.node("Shape", [value], name=f"{node_name}_Shape")
-            shape.outputs[0].name = f"{node_name}_Shape"
-            shape.outputs[0].dtype = ir.DataType.INT64
-            for n in (node, shape):
-                graph.append(n)
-                graph.outputs.append(n.outputs[0])
-                self.nodes.append(n)
-                self.outputs.append(n.outputs[0])
-            self.mean_names[name] = (node_name, shape.outputs[0].name, axis)
+            mean = self._reduce(graph, "ReduceMean", value, [a for a in range(rank) if a != axis], node_name)
+            self.mean_names[name] = (mean, self._shape(graph, value, f"{node_name}_Shape"), axis)
 
     def __enter__(self) -> dict[str, tuple[str, str]]:
         graph = self.model.graph
@@ -354,14 +334,8 @@ class _Augment:
             pair = []
             for op in ("ReduceMin", "ReduceMax"):
                 node = ir.node(op, [value], attributes={"keepdims": 0}, name=f"onnxq_calib_{op}_{i}")
-                node.outputs[0].name = f"onnxq_calib_{op}_{i}"
-                node.outputs[0].dtype = value.dtype
                 node.outputs[0].shape = ir.Shape([])
-                graph.append(node)
-                graph.outputs.append(node.outputs[0])
-                self.nodes.append(node)
-                self.outputs.append(node.outputs[0])
-                pair.append(node.outputs[0].name)
+                pair.append(self._expose(graph, node, value.dtype))
             names[name] = (pair[0], pair[1])
         for name in self.raw:
             graph.outputs.append(values[name])
