@@ -175,7 +175,7 @@ def quantize_weight_only(
     else:
         pipeline._check_in_memory(ir_model)
         size_after = ir.to_proto(ir_model).ByteSize()
-        fidelity = pipeline.measure_fidelity(ir_model, *references) if references[0] else ()
+        fidelity = pipeline.measure_fidelity(ir_model, *references)  # () without references
     notes = [f"weight-only: {describe(config)}; largest float weight {wo.largest_weight / 1e6:.1f} MB"]
     notes += extra_notes
     summary = QuantizationSummary(

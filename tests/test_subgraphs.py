@@ -223,23 +223,28 @@ def _branched_model(
     ]
 
 
+def _quantized_branches(
+    tmp_path: Path, branch: Callable[[str, str], list[onnx.NodeProto]]
+) -> tuple[list[dict[str, np.ndarray]], onnxq.QuantizationResult, onnx.ModelProto]:
+    """:func:`_branched_model` on ``x [4, H]`` and a shared weight ``W`` at ``tmp_path / "m.onnx"``,
+    quantized with the default config to ``tmp_path / "q.onnx"``: the feeds, the result, the file."""
+    feeds = _branched_model(tmp_path / "m.onnx", branch, [4, H], [4, H], _weights("W"))
+    result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
+    return feeds, result, onnx.load(str(tmp_path / "q.onnx"))
+
+
 def test_weight_shared_by_both_branches_is_stored_once(tmp_path) -> None:
     """An If whose two branches read the same outer weight (a merged decoder's layout): one int8
     copy in the main graph, both branches quantized and fused."""
     activation = {"then_branch": "Relu", "else_branch": "Tanh"}
-    feeds = _branched_model(
-        tmp_path / "m.onnx",
+    feeds, result, written = _quantized_branches(
+        tmp_path,
         lambda key, out: [
             helper.make_node("MatMul", ["x", "W"], [f"{key}_m"], name=f"{key}_mm"),
             helper.make_node(activation[key], [f"{key}_m"], [out], name=f"{key}_act"),
         ],
-        [4, H],
-        [4, H],
-        _weights("W"),
     )
-    result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
     assert result.summary.quantized_nodes == {"MatMul": 2}
-    written = onnx.load(str(tmp_path / "q.onnx"))
     assert [(t.name, t.data_type) for t in written.graph.initializer if len(t.dims) == 2] == [
         ("W_quantized_1", TensorProto.INT8)
     ]
@@ -303,19 +308,14 @@ def test_merged_decoder_quantizes_both_branches_like_the_plain_model(
 def test_constants_folded_inside_branches_are_stored_once(tmp_path) -> None:
     """Both branches read ``Transpose(W)`` (a tied embedding's lm_head in a merged decoder): the
     folded weight moves to the main graph once, so the quantized file holds one int8 copy."""
-    feeds = _branched_model(
-        tmp_path / "m.onnx",
+    feeds, result, written = _quantized_branches(
+        tmp_path,
         lambda key, out: [
             helper.make_node("Transpose", ["W"], [f"{key}_wt"], name=f"{key}_transpose", perm=[1, 0]),
             helper.make_node("MatMul", ["x", f"{key}_wt"], [out], name=f"{key}_mm"),
         ],
-        [4, H],
-        [4, H],
-        _weights("W"),
     )
-    result = onnxq.quantize(tmp_path / "m.onnx", feeds, output=tmp_path / "q.onnx", progress=False)
     assert result.summary.quantized_nodes == {"MatMul": 2}
-    written = onnx.load(str(tmp_path / "q.onnx"))
     weights = [t for t in written.graph.initializer if len(t.dims) == 2]
     assert [(t.data_type, list(t.dims)) for t in weights] == [(TensorProto.INT8, [H, H])]
     for attr in written.graph.node[0].attribute:

@@ -18,7 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq.passes._util import OUTER_NAMES, SpillFile, names_in
 from onnxq.passes.cleanup import Cleanup
-from onnxq.passes.hoist_constants import digest
+from onnxq.passes.hoist_constants import Digest, move_to_main
 from onnxq.passes.insert_qdq import InsertQDQ
 from onnxq.passes.prequantize_weights import PrequantizeWeights
 from onnxq.passes.quantize_bias import QuantizeBias
@@ -42,7 +42,7 @@ class QuantizeBodies(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         prequantize = PrequantizeWeights(self.spill)  # one instance: shared weights stored once
-        moved: dict[tuple[str, tuple[int, ...], str], ir.Value] = {}
+        moved: dict[Digest, ir.Value] = {}
         modified = False
         for body in self.bodies:
             if not body.plan.activations and not body.plan.weights:
@@ -60,15 +60,9 @@ class QuantizeBodies(ir.passes.InPlacePass):
                 ir.passes.PassManager(passes)(body_model(model, body.graph))
             finally:
                 del body.graph.meta[OUTER_NAMES]
-            made = [name for name in body.graph.initializers if name not in own]  # in order: same bytes
-            for name in made:  # scales, zero points, int32 biases; equal ones (a shared weight's) once
-                value = body.graph.initializers.pop(name)
-                key = digest(value)
-                if key in moved:
-                    value.replace_all_uses_with(moved[key])
-                else:
-                    model.graph.register_initializer(value)
-                    moved[key] = value
+            made = [v for name, v in body.graph.initializers.items() if name not in own]  # in order
+            for value in made:  # scales, zero points, int32 biases; equal ones (a shared weight's) once
+                move_to_main(value, body.graph, model.graph, moved)
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)  # outer float weights and biases now read by no body

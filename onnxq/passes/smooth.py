@@ -400,8 +400,7 @@ def fold_into_producer(
     found = fold_targets(x, readers, s.size)
     if found is None:
         return None
-    for target in found[1]:
-        _divide(graph, namer, [target], s, spill)
+    _divide_all(graph, namer, found[1], s, spill)
     return found[0]
 
 
