@@ -153,6 +153,28 @@ def test_smoothed_range_is_the_exact_range_of_x_over_s() -> None:
     assert abs(int(inits[q.input[2]]) - int(zero)) <= 1
 
 
+def test_channel_statistics_are_numpys() -> None:
+    """Per-channel min, max, sum of squares and rows of ``h``, and the tensor's own range, are exactly
+    what numpy computes over every calibration sample; the statistics' nodes are gone afterwards."""
+    proto = ln_model()
+    model, _ = prepare(proto)
+    plan = Planner(QuantConfig(smoothing=SmoothQuant())).plan(model)
+    candidates = find_candidates(model, plan)
+    specs = {name: plan.activations[name].spec for name in plan.calibration_tensors()}
+    cal = calibrate(model, specs, iter(CALIB), MinMax(), progress=False, channels=candidates)
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    probe.graph.output.append(helper.make_empty_tensor_value_info("h"))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = np.concatenate([session.run(["h"], f)[0].reshape(-1, K) for f in CALIB]).astype(np.float64)
+    stats = cal.channels["h"]
+    np.testing.assert_array_equal(stats.min, h.min(axis=0))
+    np.testing.assert_array_equal(stats.max, h.max(axis=0))
+    np.testing.assert_allclose(stats.sumsq, (h**2).sum(axis=0), rtol=1e-5)
+    assert stats.rows == len(h) == len(CALIB) * S
+    assert cal.ranges["h"] == (h.min(), h.max())
+    assert all(v.name is None or not v.name.startswith("onnxq_") for n in model.graph for v in n.outputs)
+
+
 def test_smoothing_lowers_the_quantization_error() -> None:
     proto = ln_model()
     smoothed = onnxq.quantize(proto, CALIB, progress=False)  # the default config smooths
