@@ -275,7 +275,7 @@ class _Augment:
         self.mean_names: dict[str, tuple[str, str, int]] = {}
         self.nodes: list[ir.Node] = []
         self.outputs: list[ir.Value] = []
-        self.axes: list[ir.Value] = []
+        self.constants: list[ir.Value] = []
 
     def _expose(self, graph: ir.Graph, node: ir.Node, dtype: ir.DataType | None) -> str:
         """Append ``node`` and make its output, named as the node, a graph output (removed on exit)."""
@@ -294,10 +294,17 @@ class _Augment:
         opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
         if opset < (13 if op in ("ReduceSum", "Unsqueeze") else 18):
             return ir.node(op, node_inputs, attributes={"axes": axes, **_KEEPDIMS.get(op, {})}, name=name)
-        axes_value = ir.Value(name=f"{name}_axes", const_value=ir.tensor(np.array(axes, dtype=np.int64)))
-        graph.register_initializer(axes_value)
-        self.axes.append(axes_value)
+        axes_value = self._constant(graph, f"{name}_axes", np.array(axes, dtype=np.int64))
         return ir.node(op, [*node_inputs, axes_value], attributes=_KEEPDIMS.get(op, {}), name=name)
+
+    def _constant(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        """An initializer (removed on exit), registered once per name."""
+        if name in graph.initializers:
+            return graph.initializers[name]
+        value = ir.Value(name=name, const_value=ir.tensor(array))
+        graph.register_initializer(value)
+        self.constants.append(value)
+        return value
 
     def _reduce(self, graph: ir.Graph, op: str, value: ir.Value, axes: list[int], name: str) -> str:
         """``op(value)`` over ``axes`` without keepdims as an output."""
@@ -315,17 +322,26 @@ class _Augment:
 
     def _channel_extremes(self, graph: ir.Graph, value: ir.Value, name: str) -> tuple[str, str, str]:
         """Per-channel min, max (each ``[1, C, 1]``) and sum of squares (``[C]``) of a float32
-        ``value``: its rows flattened to ``[R, C]``, transposed to ``[1, C, R]`` for GlobalMaxPool of
-        it and of its negation, and ReduceSum of its square. ORT's ReduceMin/ReduceMax/ReduceSumSquare
-        over leading axes have no fast path (5-10× slower on a BERT-base layer's activations)."""
+        ``value``: its rows flattened to ``[R, C]``, transposed to ``[1, C, R]`` and padded with one
+        ``-inf`` column (so no rows give ``+inf`` / ``-inf`` as ReduceMin/ReduceMax do) for
+        GlobalMaxPool of it and of its negation, and ReduceSum of its square. ORT's
+        ReduceMin/ReduceMax/ReduceSumSquare over leading axes have no fast path (5-10× slower on a
+        BERT-base layer's activations)."""
+        pads = self._constant(graph, "onnxq_channel_pads", np.array([0, 0, 0, 0, 0, 1], np.int64))
+        neg_inf = self._constant(graph, "onnxq_channel_neg_inf", np.array(-np.inf, np.float32))
+
+        def pooled(x: ir.Value, suffix: str) -> ir.Node:
+            padded = self._hidden(graph, ir.node("Pad", [x, pads, neg_inf], name=f"{name}_{suffix}_pad"))
+            return ir.node("GlobalMaxPool", [padded], name=f"{name}_{suffix}")
+
         rows = self._hidden(graph, ir.node("Flatten", [value], attributes={"axis": -1}, name=f"{name}_rows"))
         lifted = self._hidden(graph, self._axes(graph, "Unsqueeze", [rows], [0], f"{name}_lift"))
         cols = self._hidden(
             graph, ir.node("Transpose", [lifted], attributes={"perm": [0, 2, 1]}, name=f"{name}_cols")
         )
-        hi = self._expose(graph, ir.node("GlobalMaxPool", [cols], name=f"{name}_max"), value.dtype)
+        hi = self._expose(graph, pooled(cols, "max"), value.dtype)
         negated = self._hidden(graph, ir.node("Neg", [cols], name=f"{name}_neg"))
-        neg_lo = self._hidden(graph, ir.node("GlobalMaxPool", [negated], name=f"{name}_negmax"))
+        neg_lo = self._hidden(graph, pooled(negated, "negmax"))
         lo = self._expose(graph, ir.node("Neg", [neg_lo], name=f"{name}_min"), value.dtype)
         square = self._hidden(graph, ir.node("Mul", [rows, rows], name=f"{name}_square"))
         sq = self._expose(graph, self._axes(graph, "ReduceSum", [square], [0], f"{name}_sumsq"), value.dtype)
@@ -388,7 +404,7 @@ class _Augment:
         for value in self.outputs:
             graph.outputs.remove(value)
         graph.remove(self.nodes, safe=True)
-        for value in self.axes:
+        for value in self.constants:
             del graph.initializers[value.name]
 
 

@@ -153,15 +153,21 @@ def test_smoothed_range_is_the_exact_range_of_x_over_s() -> None:
     assert abs(int(inits[q.input[2]]) - int(zero)) <= 1
 
 
-def test_channel_statistics_are_numpys() -> None:
+@pytest.mark.parametrize("with_empty", [False, True])
+def test_channel_statistics_are_numpys(with_empty: bool) -> None:
     """Per-channel min, max, sum of squares and rows of ``h``, and the tensor's own range, are exactly
-    what numpy computes over every calibration sample; the statistics' nodes are gone afterwards."""
+    what numpy computes over every calibration sample (a sample with no rows adds nothing); the
+    statistics' nodes are gone afterwards."""
     proto = ln_model()
+    del proto.graph.value_info[:]
+    for v in (*proto.graph.input, *proto.graph.output):
+        v.type.tensor_type.shape.dim[1].dim_param = "positions"
     model, _ = prepare(proto)
     plan = Planner(QuantConfig(smoothing=SmoothQuant())).plan(model)
     candidates = find_candidates(model, plan)
     specs = {name: plan.activations[name].spec for name in plan.calibration_tensors()}
-    cal = calibrate(model, specs, iter(CALIB), MinMax(), progress=False, channels=candidates)
+    samples = [*CALIB[:3], {"x": np.zeros((1, 0, K), np.float32)}, *CALIB[3:]] if with_empty else CALIB
+    cal = calibrate(model, specs, iter(samples), MinMax(), progress=False, channels=candidates)
     probe = onnx.ModelProto.FromString(proto.SerializeToString())
     probe.graph.output.append(helper.make_empty_tensor_value_info("h"))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
