@@ -93,14 +93,20 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int
     out = np.empty(x.shape, zero_point.dtype)
     if x.ndim < 2:
         parts: list = [...]
+        largest = x.size
     else:
         rows = max(1, _CHUNK_ELEMENTS // max(1, x[0].size))
         parts = [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+        largest = min(rows, x.shape[0]) * x[0].size
     shift = bool(np.any(zp))
+    buffer = np.empty(largest, np.float32)
     for part in parts:
         s = scale[part] if part is not ... and scale.ndim and scale.shape[0] > 1 else scale
         z = zp[part] if part is not ... and zp.ndim and zp.shape[0] > 1 else zp
-        q = np.divide(np.asarray(x[part], np.float32), s, dtype=np.float32)
+        chunk = x[part]
+        # one buffer for every chunk: a fresh 256 KiB array each would be a new mapping to fault in
+        q = buffer[: chunk.size].reshape(chunk.shape)
+        np.divide(np.asarray(chunk, np.float32), s, out=q, dtype=np.float32)
         np.rint(q, out=q)
         if shift:
             np.add(q, z, out=q)
