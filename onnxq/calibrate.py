@@ -279,11 +279,9 @@ class _Augment:
 
     def _expose(self, graph: ir.Graph, node: ir.Node, dtype: ir.DataType | None) -> str:
         """Append ``node`` and make its output, named as the node, a graph output (removed on exit)."""
-        out = node.outputs[0]
-        out.name, out.dtype = node.name, dtype
-        graph.append(node)
+        out = self._hidden(graph, node)
+        out.dtype = dtype
         graph.outputs.append(out)
-        self.nodes.append(node)
         self.outputs.append(out)
         return out.name  # type: ignore[return-value]
 
@@ -292,10 +290,11 @@ class _Augment:
     ) -> ir.Node:
         """``op`` over ``axes``, given as an input from the opset that moved them there."""
         opset = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 13))
+        keep = {"keepdims": 0} if op.startswith("Reduce") else {}
         if opset < (13 if op in ("ReduceSum", "Unsqueeze") else 18):
-            return ir.node(op, node_inputs, attributes={"axes": axes, **_KEEPDIMS.get(op, {})}, name=name)
+            return ir.node(op, node_inputs, attributes={"axes": axes, **keep}, name=name)
         axes_value = self._constant(graph, f"{name}_axes", np.array(axes, dtype=np.int64))
-        return ir.node(op, [*node_inputs, axes_value], attributes=_KEEPDIMS.get(op, {}), name=name)
+        return ir.node(op, [*node_inputs, axes_value], attributes=keep, name=name)
 
     def _constant(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
         """An initializer (removed on exit), registered once per name."""
@@ -324,9 +323,8 @@ class _Augment:
         """Per-channel min, max (each ``[1, C, 1]``) and sum of squares (``[C]``) of a float32
         ``value``: its rows flattened to ``[R, C]``, transposed to ``[1, C, R]`` and padded with one
         ``-inf`` column (so no rows give ``+inf`` / ``-inf`` as ReduceMin/ReduceMax do) for
-        GlobalMaxPool of it and of its negation, and ReduceSum of its square. ORT's
-        ReduceMin/ReduceMax/ReduceSumSquare over leading axes have no fast path (5-10× slower on a
-        BERT-base layer's activations)."""
+        GlobalMaxPool of it and of its negation, and ReduceSum of its square: ORT's
+        ReduceMin/ReduceMax/ReduceSumSquare over leading axes have no fast path, these ops do."""
         pads = self._constant(graph, "onnxq_channel_pads", np.array([0, 0, 0, 0, 0, 1], np.int64))
         neg_inf = self._constant(graph, "onnxq_channel_neg_inf", np.array(-np.inf, np.float32))
 
@@ -406,11 +404,6 @@ class _Augment:
         graph.remove(self.nodes, safe=True)
         for value in self.constants:
             del graph.initializers[value.name]
-
-
-_KEEPDIMS = {
-    op: {"keepdims": 0} for op in ("ReduceMin", "ReduceMax", "ReduceSumSquare", "ReduceSum", "ReduceMean")
-}
 
 
 def _all_values(graph: ir.Graph):
