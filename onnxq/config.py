@@ -281,11 +281,26 @@ class SmoothQuant:
     smoothing") by the expected output error of the quantized MatMuls, computed from per-channel
     statistics gathered in the same calibration pass. A smoothed tensor's range is the exact
     MinMax range of ``X / s``, whatever the calibration method.
+
+    Channels no smoothing factor can tame are computed in float instead (the static form of
+    LLM.int8()'s decomposition): a channel whose largest magnitude exceeds
+    ``float_channel_ratio`` times that of the ``2·float_channels + 1``-th largest channel (at
+    most ``float_channels`` of them per activation, the largest) gets a zero row in the int8
+    weight and its own small float ``Gather → MatMul → Add`` beside the quantized MatMul, when
+    that divides the expected output error (the model that picks α) by ``float_channel_gain`` or
+    more. Such channels are a decoder's "massive activations" (a few channels of the first token
+    reaching thousands while every other value stays below ~50; smoothing them away would make
+    their weight row dominate every column's int8 scale, leaving them would make them the
+    whole tensor's range) and the few outlier features of a norm's output (LLM.int8()'s case).
+    ``float_channels=0`` turns this off; MatMuls inside If/Loop/Scan bodies never get it.
     """
 
     alpha: float | None = None
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     min_outlier_ratio: float = 4.0
+    float_channels: int = 8
+    float_channel_ratio: float = 4.0
+    float_channel_gain: float = 1.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alphas", tuple(self.alphas))
@@ -296,6 +311,10 @@ class SmoothQuant:
             raise ConfigError("SmoothQuant(alpha=None) needs at least one candidate in alphas")
         if self.min_outlier_ratio < 1.0:
             raise ConfigError("SmoothQuant(min_outlier_ratio=r) needs r >= 1")
+        if self.float_channels < 0 or min(self.float_channel_ratio, self.float_channel_gain) < 1:
+            raise ConfigError(
+                "SmoothQuant needs float_channels >= 0 and float_channel_ratio, float_channel_gain >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -459,8 +478,11 @@ class QuantConfig:
             elif f.name == "overrides":
                 value = {k: (None if v is None else _spec_to_dict(v)) for k, v in value.items()}
             elif f.name in ("equalization", "bias_correction"):
-                value = None if value is None else {k: list(v) if isinstance(v, tuple) else v
-                                                    for k, v in asdict(value).items()}
+                value = (
+                    None
+                    if value is None
+                    else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}
+                )
             elif f.name == "algorithm":
                 value = None if value is None else {"kind": type(value).__name__, **asdict(value)}
             elif isinstance(value, tuple):
@@ -486,7 +508,7 @@ class QuantConfig:
                 kwargs["calibration"] = _calibration_from_dict(kwargs["calibration"])
             if kwargs.get("smoothing") is not None:
                 if not isinstance(kwargs["smoothing"], Mapping):
-                    raise ConfigError("smoothing must be an object like {\"alpha\": 0.5} or null")
+                    raise ConfigError('smoothing must be an object like {"alpha": 0.5} or null')
                 _check_keys(kwargs["smoothing"], {f.name for f in fields(SmoothQuant)}, "smoothing")
                 kwargs["smoothing"] = SmoothQuant(**kwargs["smoothing"])
             if "overrides" in kwargs:
@@ -544,7 +566,9 @@ class QuantConfig:
         ``algorithm=GPTQ()`` or ``AWQ()`` (in ``changes``) replaces round-to-nearest and then needs
         calibration data."""
         weights: QuantSpec | Codebook = codebook or QuantSpec(
-            dtype, symmetric, PerChannel() if block_size is None else PerBlock(block_size)  # type: ignore[arg-type]
+            dtype,
+            symmetric,
+            PerChannel() if block_size is None else PerBlock(block_size),  # type: ignore[arg-type]
         )
         return cls(activations=None, weights=weights, weight_format=weight_format, **changes)  # type: ignore[arg-type]
 
@@ -577,7 +601,8 @@ PRESETS: dict[str, TargetPreset] = {
         SmoothQuant(),
         "ORT's CPU EP runs uint8 activations x int8 weights fastest (VNNI/AVX2: 2.5x fp32 on "
         "BERT-base, int8 activations run slower than fp32); SmoothQuant keeps transformers' "
-        "outlier channels inside the per-tensor uint8 range.",
+        "outlier channels inside the per-tensor uint8 range, and computes the few it cannot "
+        "tame (a decoder's massive activations) in float beside the int8 MatMul.",
     ),
     "qnn": TargetPreset(
         QuantSpec("uint16", False, PerTensor()),
@@ -591,17 +616,19 @@ PRESETS: dict[str, TargetPreset] = {
     "tensorrt": TargetPreset(
         QuantSpec("int8", True, PerTensor()),
         _W8_PER_CHANNEL,
-        SmoothQuant(),
+        SmoothQuant(float_channels=0),
         "TensorRT's explicit quantization only accepts int8 with zero point 0: symmetric int8 "
-        "activations per tensor, int8 symmetric weights per output channel; SmoothQuant as on CPU.",
+        "activations per tensor, int8 symmetric weights per output channel; SmoothQuant as on CPU, "
+        "without float channels (every MatMul input stays a Q/DQ pair, as TensorRT expects).",
     ),
     "openvino": TargetPreset(
         QuantSpec("uint8", False, PerTensor()),
         _W8_PER_CHANNEL,
-        SmoothQuant(),
+        SmoothQuant(float_channels=0),
         "NNCF's 'mixed' preset (its default for transformers): int8 symmetric per-channel weights "
         "and uint8 asymmetric per-tensor activations, which OpenVINO's CPU plugin runs as u8s8 "
-        "kernels with zero-point compensation; SmoothQuant as NNCF applies it to transformers.",
+        "kernels with zero-point compensation; SmoothQuant as NNCF applies it to transformers "
+        "(without float channels).",
     ),
 }
 
@@ -680,7 +707,7 @@ def _calibration_to_dict(value: Calibration) -> dict[str, Any]:
 
 def _calibration_from_dict(data: Any) -> Calibration:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"a calibration must be an object like {{\"method\": \"MinMax\"}}, got {data!r}")
+        raise ConfigError(f'a calibration must be an object like {{"method": "MinMax"}}, got {data!r}')
     cal = dict(data)
     method = cal.pop("method", "MinMax")
     if method not in _CALIBRATIONS:
@@ -723,8 +750,10 @@ def _check_algorithm(config: QuantConfig) -> None:
     if not isinstance(algo, GPTQ | AWQ):
         raise ConfigError(f"algorithm must be GPTQ(...), AWQ(...) or None, not {algo!r}")
     w = config.weights
-    if config.activations is not None or isinstance(w, Codebook) or w.dtype not in (
-        "int8", "uint8", "int4", "uint4", "int2", "uint2"
+    if (
+        config.activations is not None
+        or isinstance(w, Codebook)
+        or w.dtype not in ("int8", "uint8", "int4", "uint4", "int2", "uint2")
     ):
         raise ConfigError(
             f"{type(algo).__name__}() quantizes integer weights of weight-only configs: use e.g. "
@@ -734,7 +763,7 @@ def _check_algorithm(config: QuantConfig) -> None:
 
 def _algorithm_from_dict(data: Any) -> WeightAlgorithm:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"algorithm must be an object like {{\"kind\": \"GPTQ\"}} or null, got {data!r}")
+        raise ConfigError(f'algorithm must be an object like {{"kind": "GPTQ"}} or null, got {data!r}')
     algo = dict(data)
     kind = algo.pop("kind", None)
     classes = {"GPTQ": GPTQ, "AWQ": AWQ}

@@ -86,6 +86,7 @@ from onnxq.model_io import load_model, save_model
 from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
 from onnxq.passes.smooth import (
     SmoothActivations,
+    Smoothing,
     body_channels,
     choose_scales,
     find_body_candidates,
@@ -515,9 +516,9 @@ class _Builder:
                 )
         return self.base.with_changes(overrides=dict(sorted(overrides.items())))
 
-    def build(self, nodes: Sequence[str]) -> tuple[Path, QuantPlan, dict[str, float], QuantConfig]:
+    def build(self, nodes: Sequence[str]) -> tuple[Path, QuantPlan, dict[str, Smoothing], QuantConfig]:
         """Quantize with ``nodes`` out of 8 bits; returns the saved file, the plan (after the
-        rewrite), the smoothing alphas and the config."""
+        rewrite), what SmoothQuant chose per activation and the config."""
         config = self.config(nodes)
         model = self.prepared()
         plan = make_plan(model, config)
@@ -565,8 +566,7 @@ class _Builder:
         path = save_model(model, folder / self.file_name)
         if not nodes:
             self.base_plan = plan
-        alphas = {name: alpha for name, (_, alpha) in (*scales.items(), *body_smoothing.scales.items())}
-        return path, plan, alphas, config
+        return path, plan, {**scales, **body_smoothing.scales}, config
 
 
 def _measured(
@@ -727,7 +727,7 @@ def quantize_mixed(
             key = frozenset(nodes)
             if key in cache:
                 return cache[key]
-            path, plan, alphas, cfg = builder.build(nodes)
+            path, plan, smoothing, cfg = builder.build(nodes)
             with_outputs = budget.eval_fn is None or not nodes or keep_file
             metrics = evaluate(path, with_outputs)
             cache[key] = metrics
@@ -743,7 +743,7 @@ def quantize_mixed(
                     shutil.rmtree(files.pop(old).parent, ignore_errors=True)
                     extras.pop(old)
             if keep_file or metrics.met:
-                files[key], extras[key] = path, (plan, alphas, cfg)
+                files[key], extras[key] = path, (plan, smoothing, cfg)
             else:
                 shutil.rmtree(path.parent, ignore_errors=True)
             return metrics
@@ -813,7 +813,7 @@ def quantize_mixed(
         if budget.eval_fn is not None and not after.outputs:
             after = BudgetMetrics(_output_metrics(files[final_key], reference), after.score, after.met)
         final_path = files[final_key]
-        plan, alphas, final_config = extras[final_key]
+        plan, smoothing, final_config = extras[final_key]
 
         latency_ms: dict[str, float] = {}
         latency_ratio: dict[str, float] = {}
@@ -856,7 +856,10 @@ def quantize_mixed(
         calibration_samples=builder.calibration.samples_seen,
         fidelity=after.outputs,
         fidelity_samples=len(eval_list),
-        smoothed=alphas,
+        smoothed={name: c.alpha for name, c in smoothing.items() if c.alpha is not None},
+        float_channels={
+            name: c.float_channels.size for name, c in smoothing.items() if c.float_channels.size
+        },
         notes=tuple(notes),
     )
     return MixedPrecisionResult(

@@ -436,7 +436,8 @@ def quantize(
         fidelity=fidelity,
         fidelity_samples=len(calibration.kept_inputs),
         opset_upgraded_from=upgrade.upgraded_from,
-        smoothed={name: alpha for name, (_, alpha) in scales.items()},
+        smoothed={name: c.alpha for name, c in scales.items() if c.alpha is not None},
+        float_channels={name: c.float_channels.size for name, c in scales.items() if c.float_channels.size},
         notes=tuple(notes),
         dynamic=dynamic,
     )

@@ -41,6 +41,7 @@ class QuantizationSummary:
     fidelity_samples: int = 0
     opset_upgraded_from: int | None = None
     smoothed: dict[str, float] = field(default_factory=dict)
+    float_channels: dict[str, int] = field(default_factory=dict)  # MatMul input -> channels computed in float
     notes: tuple[str, ...] = field(default=())
     dynamic: bool = False  # activations quantized at run time; the samples served the fidelity check only
 
@@ -78,6 +79,11 @@ class QuantizationSummary:
             lines.append(
                 f"SmoothQuant: {len(self.smoothed)} MatMul inputs smoothed "
                 f"(alpha {alphas[0]:.2f}..{alphas[-1]:.2f})"
+            )
+        if self.float_channels:
+            lines.append(
+                f"outlier channels computed in float: {sum(self.float_channels.values())} "
+                f"(of {len(self.float_channels)} MatMul inputs)"
             )
         if self.opset_upgraded_from is not None:
             lines.append(f"opset upgraded from {self.opset_upgraded_from}")

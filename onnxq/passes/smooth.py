@@ -15,10 +15,17 @@ over ``X``'s place in the plan. Either way its range is the exact MinMax range o
 per-channel statistics. A tensor is smoothed only when
 the expected squared error of its quantized MatMuls (activation rounding plus weight rounding,
 from per-channel mean squares) goes down.
+
+Float channels (main graph only): the few channels :func:`float_channels` picks are computed by a
+float ``Gather(X, c, axis=-1) → MatMul(·, diag(s) W[c]) → Add`` beside each quantized MatMul,
+whose weight rows ``c`` become zero; their ``s_c`` places them inside the range of the other
+channels, so they widen nothing. The ``Add`` takes the MatMul output's name (the plan's name for
+it); the quantized MatMul's own output is renamed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,6 +137,45 @@ def find_body_candidates(bodies: list[BodyPlan]) -> dict[str, BodyCandidate]:
     return out
 
 
+@dataclass(frozen=True)
+class Smoothing:
+    """What SmoothQuant chose for one activation: the factors ``s`` (``X / s`` is quantized), the α
+    they came from (``None``: no smoothing, only float channels) and the channels computed in
+    float (ascending indices, possibly none)."""
+
+    s: np.ndarray
+    alpha: float | None
+    float_channels: np.ndarray
+
+
+def float_channels(absmax: np.ndarray, config: SmoothQuant) -> np.ndarray:
+    """The channels (ascending) whose largest magnitude exceeds ``config.float_channel_ratio`` times
+    that of the ``2n+1``-th largest channel, at most ``n = config.float_channels`` (the largest)."""
+    n = config.float_channels
+    if n == 0 or absmax.size <= 2 * n:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-absmax, kind="stable")
+    reference = max(float(absmax[order[2 * n]]), _MIN_SCALE)
+    top = order[:n]
+    return np.sort(top[absmax[top] > config.float_channel_ratio * reference]).astype(np.int64)
+
+
+def _subset(stats: ChannelStats, keep: np.ndarray) -> ChannelStats:
+    return ChannelStats(stats.min[keep], stats.max[keep], stats.sumsq[keep], stats.rows)  # type: ignore[index]
+
+
+def _inside(stats: ChannelStats, channels: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Factors that bring ``channels`` inside ``[lo, hi]`` (or, where one side is empty, inside
+    ``±max(|lo|, |hi|)``)."""
+    cmin, cmax = stats.min[channels], stats.max[channels]  # type: ignore[index]
+    s = np.full(channels.size, _MIN_SCALE)
+    up = np.where(cmax > 0, cmax / hi if hi > 0 else np.inf, 0.0)
+    down = np.where(cmin < 0, cmin / lo if lo < 0 else np.inf, 0.0)
+    s = np.maximum(s, np.maximum(up, down))
+    fallback = np.maximum(np.abs(cmin), np.abs(cmax)) / max(abs(lo), abs(hi), _MIN_SCALE)
+    return np.where(np.isfinite(s), s, np.maximum(fallback, _MIN_SCALE))
+
+
 def smoothed_range(stats: ChannelStats, s: np.ndarray) -> tuple[float, float]:
     """The exact MinMax range of ``X / s`` from ``X``'s per-channel extremes."""
     return float(np.min(stats.min / s)), float(np.max(stats.max / s))
@@ -155,20 +201,47 @@ def _expected_error(
     return act_noise + weight_noise
 
 
+def _best_alpha(
+    st: ChannelStats,
+    abs_w: np.ndarray,
+    sq_w: np.ndarray,
+    act: tuple[IntType, bool],
+    per_channel: bool,
+    config: SmoothQuant,
+) -> tuple[np.ndarray, float | None, float]:
+    """The factors, α (``None``: no smoothing) and expected error of the best α for ``st``."""
+    a = st.absmax()
+    w_max = np.maximum(abs_w.max(axis=1), _MIN_SCALE)
+    best_s, best_alpha = np.ones_like(a), None
+    best_err = _expected_error(best_s, st, abs_w, sq_w, act, per_channel)
+    median = float(np.median(a))
+    if median <= 0 or float(a.max()) < config.min_outlier_ratio * median:
+        return best_s, best_alpha, best_err
+    for alpha in (config.alpha,) if config.alpha is not None else config.alphas:
+        s = np.maximum(np.maximum(a, _MIN_SCALE) ** alpha / w_max ** (1.0 - alpha), _MIN_SCALE)
+        err = _expected_error(s, st, abs_w, sq_w, act, per_channel)
+        if err < best_err:
+            best_s, best_alpha, best_err = s, alpha, err
+    return best_s, best_alpha, best_err
+
+
 def choose_scale(
     weights: list[ir.Value],
     st: ChannelStats | None,
     act_spec: QuantSpec,
     per_channel: bool,
     config: SmoothQuant,
-) -> tuple[np.ndarray, float] | None:
-    """The smoothing factors ``s`` and the α chosen for an activation with statistics ``st`` read by
-    MatMuls with ``weights``; None when smoothing does not lower the expected error."""
+) -> Smoothing | None:
+    """The smoothing factors ``s``, the α chosen and the float channels for an activation with
+    statistics ``st`` read by MatMuls with ``weights``; None when smoothing does not lower the
+    expected error and no channel goes to float. Outlier channels (:func:`float_channels`) go to
+    float only when that divides the expected error by ``config.float_channel_gain``."""
     if st is None or st.min is None or st.rows == 0:
         return None
     a = st.absmax()
     median = float(np.median(a))
-    if median <= 0 or float(a.max()) < config.min_outlier_ratio * median:
+    outliers = float_channels(a, config)
+    if (median <= 0 or float(a.max()) < config.min_outlier_ratio * median) and not outliers.size:
         return None
     # float32 copies (a gate/up pair of a 4096-wide model is 360 MB); sums in float64
     w = np.concatenate([c.const_value.numpy().astype(np.float32) for c in weights], axis=1)  # type: ignore[union-attr]
@@ -177,18 +250,19 @@ def choose_scale(
     sq_w = np.einsum("ij,ij->i", w, w, dtype=np.float64)
     abs_w = np.abs(w, out=w)
     del w
-    w_max = np.maximum(abs_w.max(axis=1), _MIN_SCALE)
     act = (int_type(act_spec.dtype), act_spec.symmetric)
-    ones = np.ones_like(a)
-    best_s, best_alpha = ones, -1.0
-    best_err = _expected_error(ones, st, abs_w, sq_w, act, per_channel)
-    alphas = (config.alpha,) if config.alpha is not None else config.alphas
-    for alpha in alphas:
-        s = np.maximum(np.maximum(a, _MIN_SCALE) ** alpha / w_max ** (1.0 - alpha), _MIN_SCALE)
-        err = _expected_error(s, st, abs_w, sq_w, act, per_channel)
-        if err < best_err:
-            best_s, best_alpha, best_err = s, alpha, err
-    return (best_s, best_alpha) if best_alpha >= 0 else None
+    s, alpha, err = _best_alpha(st, abs_w, sq_w, act, per_channel, config)
+    if outliers.size:
+        keep = np.ones(a.size, dtype=bool)
+        keep[outliers] = False
+        kept = _subset(st, keep)
+        s_kept, alpha_kept, err_kept = _best_alpha(kept, abs_w[keep], sq_w[keep], act, per_channel, config)
+        if err > config.float_channel_gain * err_kept:
+            s = np.ones_like(a)
+            s[keep] = s_kept
+            s[outliers] = _inside(st, outliers, *smoothed_range(kept, s_kept))
+            return Smoothing(s, alpha_kept, outliers)
+    return Smoothing(s, alpha, np.zeros(0, dtype=np.int64)) if alpha is not None else None
 
 
 def _per_channel_weights(plan: QuantPlan) -> dict[str, bool]:
@@ -201,10 +275,10 @@ def choose_scales(
     stats: dict[str, ChannelStats],
     plan: QuantPlan,
     config: SmoothQuant,
-) -> dict[str, tuple[np.ndarray, float]]:
-    """Per candidate, the smoothing factors ``s`` and the α chosen; tensors not worth it are absent."""
+) -> dict[str, Smoothing]:
+    """Per candidate, what :func:`choose_scale` chose; tensors not worth it are absent."""
     per_channel = _per_channel_weights(plan)
-    chosen: dict[str, tuple[np.ndarray, float]] = {}
+    chosen: dict[str, Smoothing] = {}
     for name, cand in candidates.items():
         spec = plan.activations[name].spec
         found = choose_scale(cand.weights, stats.get(name), spec, per_channel[cand.weights[0].name], config)
@@ -217,11 +291,12 @@ def choose_body_scales(
     candidates: dict[str, BodyCandidate],
     stats: dict[int, dict[str, ChannelStats]],
     config: SmoothQuant,
-) -> dict[str, tuple[np.ndarray, float]]:
+) -> dict[str, Smoothing]:
     """:func:`choose_scales` for body candidates, each from its members' pooled statistics (members
-    that never ran add nothing)."""
+    that never ran add nothing); no float channels in bodies."""
+    config = dataclasses.replace(config, float_channels=0)
     per_channel: dict[int, dict[str, bool]] = {}
-    chosen: dict[str, tuple[np.ndarray, float]] = {}
+    chosen: dict[str, Smoothing] = {}
     for key, cand in candidates.items():
         pooled = ChannelStats()
         for m in cand.members:
@@ -417,6 +492,66 @@ def _scale_rows(weight: ir.Value, s: np.ndarray, spill: SpillFile | None) -> Non
         spill.take(weight)
 
 
+def _take_rows(weight: ir.Value, rows: np.ndarray, spill: SpillFile | None) -> np.ndarray:
+    """Set ``rows`` of the 2-D constant ``weight`` to zero, in place; returns them as they were."""
+    old = weight.const_value
+    assert old is not None
+    w = old.numpy().copy()
+    taken = w[rows].copy()
+    w[rows] = 0
+    weight.const_value = ir.Tensor(w, name=weight.name)
+    if isinstance(old, ir.ExternalTensor):
+        old.release()
+    if spill is not None:
+        spill.take(weight)
+    return taken
+
+
+def _add_float_channels(
+    graph: ir.Graph,
+    namer: Namer,
+    readers: list[ir.Node],
+    channels: np.ndarray,
+    rows: dict[int, np.ndarray],
+    spill: SpillFile | None,
+) -> None:
+    """Beside every MatMul in ``readers`` (reading the same ``x``), add ``x[..., channels] @ rows``
+    in float to its output: ``Gather`` once, then a ``MatMul`` and an ``Add`` per reader. The
+    ``Add`` takes over the output's name and uses; the MatMul's output gets a new name."""
+    x = readers[0].inputs[0]
+    assert x is not None
+    base = readers[0].name or "matmul"
+    index = add_initializer(graph, namer(f"{base}_float_channels"), channels.astype(np.int64))
+    gather = ir.node("Gather", [x, index], attributes={"axis": -1}, name=namer(f"{base}_float_channels"))
+    picked = gather.outputs[0]
+    picked.name, picked.dtype = namer(f"{x.name}_float_channels"), x.dtype
+    if x.shape is not None:
+        picked.shape = ir.Shape([*list(x.shape)[:-1], int(channels.size)])
+    graph.insert_before(readers[0], gather)
+    for node in readers:
+        y = node.outputs[0]
+        weight = node.inputs[1]
+        assert weight is not None
+        side_w = add_initializer(graph, namer(f"{weight.name}_float_rows"), rows[id(weight)])
+        if spill is not None:
+            spill.take(side_w)
+        side = ir.node("MatMul", [picked, side_w], name=namer(f"{node.name}_float_channels"))
+        side.outputs[0].name = namer(f"{y.name}_float_channels")
+        side.outputs[0].dtype, side.outputs[0].shape = y.dtype, y.shape
+        graph.insert_before(node, side)
+        uses = list(y.uses())
+        name = y.name
+        y.name = namer(f"{name}_quantized")
+        add = ir.node("Add", [y, side.outputs[0]], name=namer(f"{node.name}_plus_float_channels"))
+        total = add.outputs[0]
+        total.name, total.dtype, total.shape = name, y.dtype, y.shape
+        graph.insert_after(node, add)
+        for use in uses:
+            use.node.replace_input_with(use.idx, total)
+        if y.is_graph_output():
+            graph.outputs[graph.outputs.index(y)] = total
+
+
 def _insert_inverse(
     graph: ir.Graph,
     constants: ir.Graph,
@@ -454,7 +589,7 @@ class SmoothActivations(ir.passes.InPlacePass):
         plan: QuantPlan,
         ranges: dict[str, tuple[float, float]],
         candidates: dict[str, Candidate],
-        scales: dict[str, tuple[np.ndarray, float]],
+        scales: dict[str, Smoothing],
         stats: dict[str, ChannelStats],
     ) -> None:
         super().__init__()
@@ -468,23 +603,33 @@ class SmoothActivations(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         graph = model.graph
         namer = Namer(graph)
-        for name, (s, alpha) in self.scales.items():
+        for name, choice in self.scales.items():
             cand = self.candidates[name]
+            s, alpha, channels = choice.s, choice.alpha, choice.float_channels
             x = cand.nodes[0].inputs[0]
             assert x is not None
             for weight in cand.weights:
                 _scale_rows(weight, s, self.spill)
+            what = f"alpha {alpha:.2f}" if alpha is not None else "not smoothed"
+            if channels.size:
+                what += f", {channels.size} channels in float"
             folded = fold_into_producer(graph, namer, x, cand.nodes, s, self.spill)
             if folded is not None:
                 self.ranges[name] = smoothed_range(self.stats[name], s)
                 self.folded[name] = folded
-                log.info("smoothed %s (alpha %.2f) folded into %s", name, alpha, folded)
-                continue
-            new = _insert_inverse(graph, graph, namer, name, cand.nodes, s).name
-            assert new is not None
-            _rename(self.plan, name, new)
-            self.ranges[new] = smoothed_range(self.stats[name], s)
-            log.info("smoothed %s (alpha %.2f, max factor %.3g)", name, alpha, float(s.max()))
+                log.info("smoothed %s (%s) folded into %s", name, what, folded)
+            else:
+                new = _insert_inverse(graph, graph, namer, name, cand.nodes, s).name
+                assert new is not None
+                _rename(self.plan, name, new)
+                self.ranges[new] = smoothed_range(self.stats[name], s)
+                log.info("smoothed %s (%s, max factor %.3g)", name, what, float(s.max()))
+        # after every fold: a fold may divide the columns of a weight whose rows go to float here
+        for name, choice in self.scales.items():
+            if choice.float_channels.size:
+                cand = self.candidates[name]
+                rows = {id(w): _take_rows(w, choice.float_channels, self.spill) for w in cand.weights}
+                _add_float_channels(graph, namer, cand.nodes, choice.float_channels, rows, self.spill)
         return ir.passes.PassResult(model, True)
 
 
@@ -498,7 +643,7 @@ class SmoothBodies(ir.passes.InPlacePass):
     def __init__(
         self,
         candidates: dict[str, BodyCandidate],
-        scales: dict[str, tuple[np.ndarray, float]],
+        scales: dict[str, Smoothing],
         stats: dict[int, dict[str, ChannelStats]],
         ranges: dict[int, dict[str, tuple[float, float]]],
     ) -> None:
@@ -510,7 +655,8 @@ class SmoothBodies(ir.passes.InPlacePass):
         if not self.scales:
             return ir.passes.PassResult(model, False)
         namer = Namer(model.graph)  # every name in the model, bodies included
-        for key, (s, alpha) in self.scales.items():
+        for key, choice in self.scales.items():
+            s, alpha = choice.s, choice.alpha
             cand = self.candidates[key]
             for weight in cand.weights:
                 _scale_rows(weight, s, self.spill)
