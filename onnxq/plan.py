@@ -17,6 +17,9 @@ quantized node becomes an integer kernel:
   an integer region instead of adding conversions.
 - MatMuls reading integers cast to float (rotary embeddings' positions × inverse frequencies) stay
   float: 8-bit steps over positions 0..n would break them.
+- MatMuls of two activations (attention's Q·Kᵀ and P·V) stay float (``activation_matmuls``): on
+  ORT's CPU EP the QuantizeLinear of Q, K, V and the softmax output cost as much as the int8
+  MatMuls save, and 8-bit softmax probabilities cost decoders accuracy.
 - Data-movement ops (Reshape, Transpose, MaxPool, Gather, ...) on a quantized tensor pass it
   through with the same scale, so they run on the integers. An embedding Gather reads an int8 table.
 
@@ -485,6 +488,8 @@ class Planner:
         if w_const is None:
             if node.op_type != "MatMul":
                 return "weight is not a constant"
+            if not self.config.activation_matmuls:
+                return "activation x activation MatMul (attention): float on this target (activation_matmuls)"
             if self._act_spec(weight.name) is None:
                 return f"input {weight.name} kept float by override"
         out = node.outputs[0]

@@ -162,9 +162,11 @@ def _ort_optimized_ops(path: Path, out: Path) -> Counter:
 
 
 def test_ort_fuses_tiny_bert_into_integer_matmuls(quantized, tmp_path) -> None:
+    """Every weight MatMul (6 a layer) runs as an integer kernel; the two attention MatMuls of each
+    of the 2 layers stay float on the cpu target (``activation_matmuls``)."""
     ops = _ort_optimized_ops(quantized("tiny-bert").output_path, tmp_path / "opt.onnx")
     assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] >= 12, ops
-    assert ops["MatMul"] == 0, ops
+    assert ops["MatMul"] == 4, ops
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)

@@ -25,7 +25,7 @@ from tests.helpers import make_model, run, tensor_info
 
 
 def _calibrate(model: ir.Model, samples, method, segment_bytes: int):
-    plan = Planner(QuantConfig()).plan(model)
+    plan = Planner(QuantConfig(activation_matmuls=True)).plan(model)  # attention's tensors too
     specs = {name: plan.activations[name].spec for name in plan.calibration_tensors()}
     candidates = find_candidates(model, plan)
     result = calibrate(

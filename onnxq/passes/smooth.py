@@ -150,12 +150,13 @@ class Smoothing:
 
 def float_channels(absmax: np.ndarray, config: SmoothQuant) -> np.ndarray:
     """The channels (ascending) whose largest magnitude exceeds ``config.float_channel_ratio`` times
-    that of the ``2n+1``-th largest channel, at most ``n = config.float_channels`` (the largest)."""
-    n = config.float_channels
-    if n == 0 or absmax.size <= 2 * n:
+    that of the ``r+1``-th largest channel, ``r = min(2n, K // 2)``, at most
+    ``n = config.float_channels`` of them (the largest)."""
+    n = min(config.float_channels, absmax.size // 4)
+    if n == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-absmax, kind="stable")
-    reference = max(float(absmax[order[2 * n]]), _MIN_SCALE)
+    reference = max(float(absmax[order[min(2 * config.float_channels, absmax.size // 2)]]), _MIN_SCALE)
     top = order[:n]
     return np.sort(top[absmax[top] > config.float_channel_ratio * reference]).astype(np.int64)
 
