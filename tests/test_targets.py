@@ -32,10 +32,11 @@ QDQ = {"QuantizeLinear", "DequantizeLinear"}
 def test_target_alone_gives_its_preset_and_round_trips(target) -> None:
     config = QuantConfig(target=target)
     preset = PRESETS[target]
-    assert (config.activations, config.weights, config.smoothing) == (
+    assert (config.activations, config.weights, config.smoothing, config.activation_matmuls) == (
         preset.activations,
         preset.weights,
         preset.smoothing,
+        preset.activation_matmuls,
     )
     assert QuantConfig.for_target(target) == config
     assert QuantConfig.from_dict(config.to_dict()) == config
@@ -74,6 +75,36 @@ def test_changing_target_moves_preset_values_and_keeps_explicit_ones() -> None:
     kept = QuantConfig(activations=a8).with_changes(target="qnn")
     assert kept.activations == a8 and kept.weights == PRESETS["qnn"].weights
     assert QuantConfig().with_changes(target="tensorrt", smoothing=None).smoothing is None
+
+
+def test_attention_matmuls_are_float_on_cpu_only() -> None:
+    """The cpu preset keeps activation x activation MatMuls float and says why in the plan; the other
+    targets, and cpu with ``activation_matmuls=True``, quantize both inputs."""
+    assert QuantConfig().activation_matmuls is False
+    assert all(QuantConfig(target=t).activation_matmuls for t in ("qnn", "tensorrt", "openvino"))
+    assert QuantConfig().with_changes(target="openvino").activation_matmuls is True
+    assert QuantConfig(activation_matmuls=True).with_changes(target="qnn").activation_matmuls is True
+    with pytest.raises(ConfigError, match="activation_matmuls must be true or false"):
+        QuantConfig(activation_matmuls="yes")  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["a", "w"], ["q"], name="proj"),
+            helper.make_node("MatMul", ["q", "b"], ["y"], name="qk"),
+        ],
+        [tensor_info("a", shape=[4, 8]), tensor_info("b", shape=[8, 4])],
+        [tensor_info("y", shape=[4, 4])],
+        {"w": rng.normal(size=(8, 8)).astype(np.float32)},
+    )
+    data = [
+        {"a": rng.normal(size=(4, 8)).astype(np.float32), "b": rng.normal(size=(8, 4)).astype(np.float32)}
+    ]
+    default = onnxq.quantize(model, data * 4, progress=False).summary
+    assert [(f.name, f.reason) for f in default.float_nodes if f.name == "qk"] == [
+        ("qk", "activation x activation MatMul (attention): float on this target (activation_matmuls)")
+    ]
+    quantized = onnxq.quantize(model, data * 4, config=QuantConfig(activation_matmuls=True), progress=False)
+    assert quantized.summary.quantized_nodes["MatMul"] == 2 and default.quantized_nodes["MatMul"] == 1
 
 
 def test_unknown_target_is_a_config_error() -> None:

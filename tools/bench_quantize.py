@@ -16,7 +16,7 @@ ORT's MinMax, with latency.
    - ``ort-u8s8``: the same with QUInt8 activations / QInt8 weights;
 
    the worker reports the wall time of the quantize call only, the process's peak RSS
-   (``ru_maxrss``) and the RSS measured just before the call;
+   (``VmHWM``) and the RSS measured just before the call;
 3. one more subprocess per model (``--worker latency``) loads fp32 and every quantized model as ORT CPU
    sessions (2 intra-op threads, no spinning, default graph optimizations), measures fidelity of the
    first output (cosine, max abs error over all held-out samples concatenated, float64), warms every
@@ -150,8 +150,10 @@ def load_average() -> list[float]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak RSS of this process so far (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak RSS of this process so far: ``VmHWM`` of its own address space where Linux gives it,
+    else ``ru_maxrss`` (KiB on Linux), which survives ``fork`` + ``execve``: a worker started by a
+    parent holding 1 GB would report at least 1 GB however little it used itself."""
+    return vm_hwm_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def file_size(path: Path) -> int:
