@@ -507,3 +507,26 @@ def test_float_channels_keep_the_float_function() -> None:
     for f in feeds_massive(4, 6):
         want, got = run(proto, f)[0], run(rewritten, f)[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_float_channels_keep_the_model_output_name() -> None:
+    """When the MatMul with float channels produces a model output, the output keeps its name and
+    carries the sum of the int8 and the float paths."""
+    rng = np.random.default_rng(3)
+    inits = {"g": np.ones(K, np.float32), "W1": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Mul", ["x", "g"], ["h"], name="scale"),
+        helper.make_node("MatMul", ["h", "W1"], ["out"], name="mm1"),
+    ]
+    proto = make_model(
+        nodes, [tensor_info("x", shape=[1, S, K])], [tensor_info("out", shape=[1, S, K])], inits
+    )
+    calib = feeds_massive(16, 4)
+    result = onnxq.quantize(proto, calib, progress=False)
+    assert result.summary.float_channels == {"h": 1}
+    out = ir.to_proto(result.model)
+    assert [o.name for o in out.graph.output] == ["out"]
+    assert producers(out)["out"].op_type == "Add"
+    for f in feeds_massive(4, 7):
+        want, got = run(proto, f)[0], run(out, f)[0]
+        assert float(np.abs(want - got).max()) < 1e-3 * float(np.abs(want).max())
