@@ -301,7 +301,10 @@ def _match(
     matches: dict[str, tuple[str, ir.Node]] = {}
     used_cand: set[str] = set()
     cand_key_set = set(cand_keys)
-    # 1. Through nodes both graphs have (by name): output i of the node, or what it absorbed.
+    cand_producer = {o.name: n for n in cand.graph if n.op_type != "Constant" for o in n.outputs if o.name}
+    # 1. Through nodes both graphs have (by name): output i of the node, or what it absorbed. A node
+    # whose output another node took over under the same name (an int8 MatMul whose float outlier
+    # channels an Add sums in) stands for that complete output.
     for k, cnode in cand_keys.items():
         rnode = ref_keys.get(k)
         if rnode is None or rnode.op_type != cnode.op_type or rnode.op_type == "Constant":
@@ -312,12 +315,13 @@ def _match(
             target = _absorbed_into(rout, cand_key_set)
             if target.name in matches or target.name not in ref_produced:
                 continue
-            if not (_is_float(ref_types.get(target.name)) and _is_float(cand_types.get(cout.name))):
+            taken_over = target is rout and cout.name != rout.name and rout.name in cand_producer
+            cname = rout.name if taken_over else cout.name
+            if not (_is_float(ref_types.get(target.name)) and _is_float(cand_types.get(cname))):
                 continue
-            matches[target.name] = (cout.name, cnode)
-            used_cand.add(cout.name)
+            matches[target.name] = (cname, cnode)
+            used_cand.add(cname)
     # 2. Same tensor name, produced by nodes in both graphs, not yet involved in a match.
-    cand_producer = {o.name: n for n in cand.graph if n.op_type != "Constant" for o in n.outputs if o.name}
     for name in ref_produced:
         if name in matches or name in used_cand or name not in cand_producer:
             continue

@@ -530,3 +530,19 @@ def test_float_channels_keep_the_model_output_name() -> None:
     for f in feeds_massive(4, 7):
         want, got = run(proto, f)[0], run(out, f)[0]
         assert float(np.abs(want - got).max()) < 1e-3 * float(np.abs(want).max())
+
+
+def test_diff_compares_the_complete_output_of_a_matmul_with_float_channels() -> None:
+    """``onnxq.diff`` matches the fp32 MatMul output with the int8 MatMul plus its float channels
+    (the tensor that kept the name), under the MatMul's own node: per-layer errors and the mixed
+    precision ranking then see what the model computes, not the int8 part alone."""
+    proto = massive_model()
+    calib = feeds_massive(32, 4)
+    result = onnxq.quantize(proto, calib, progress=False)
+    assert result.summary.float_channels == {"h": 1}
+    report = onnxq.diff(proto, result.model, feeds_massive(8, 8), progress=False)
+    for mm, y in (("mm1", "y1"), ("mm2", "y2")):
+        layer = report.layer(y)
+        assert (layer.node, layer.op_type) == (mm, "MatMul")
+        assert layer.sqnr_db > 30.0, layer
+    assert not [x for x in report.layers if x.tensor.endswith("_quantized")]
