@@ -150,8 +150,8 @@ class Smoothing:
 
 def float_channels(absmax: np.ndarray, config: SmoothQuant) -> np.ndarray:
     """The channels (ascending) whose largest magnitude exceeds ``config.float_channel_ratio`` times
-    that of the ``r+1``-th largest channel, ``r = min(2n, K // 2)``, at most
-    ``n = config.float_channels`` of them (the largest)."""
+    that of the ``r+1``-th largest of the ``K`` channels, ``r = min(2n, K // 2)`` with
+    ``n = config.float_channels``; at most ``min(n, K // 4)`` of them, the largest."""
     n = min(config.float_channels, absmax.size // 4)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -169,10 +169,9 @@ def _inside(stats: ChannelStats, channels: np.ndarray, lo: float, hi: float) -> 
     """Factors that bring ``channels`` inside ``[lo, hi]`` (or, where one side is empty, inside
     ``±max(|lo|, |hi|)``)."""
     cmin, cmax = stats.min[channels], stats.max[channels]  # type: ignore[index]
-    s = np.full(channels.size, _MIN_SCALE)
     up = np.where(cmax > 0, cmax / hi if hi > 0 else np.inf, 0.0)
     down = np.where(cmin < 0, cmin / lo if lo < 0 else np.inf, 0.0)
-    s = np.maximum(s, np.maximum(up, down))
+    s = np.maximum(np.maximum(up, down), _MIN_SCALE)
     fallback = np.maximum(np.abs(cmin), np.abs(cmax)) / max(abs(lo), abs(hi), _MIN_SCALE)
     return np.where(np.isfinite(s), s, np.maximum(fallback, _MIN_SCALE))
 
