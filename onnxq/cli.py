@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-smoothing", action="store_true", help="turn SmoothQuant outlier migration off")
     q.add_argument(
+        "--quantize-attention",
+        action="store_true",
+        help="quantize activation x activation MatMuls (attention's Q.K^T, P.V) too; the cpu target "
+        "keeps them float by default",
+    )
+    q.add_argument(
         "--weight-only",
         choices=WEIGHT_ONLY,
         metavar="TYPE",
@@ -198,6 +204,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         changes["calibration"] = METHODS[args.method]()
     if getattr(args, "no_smoothing", False):
         changes["smoothing"] = None
+    if getattr(args, "quantize_attention", False):
+        changes["activation_matmuls"] = True
     if getattr(args, "num_samples", None):
         changes["num_samples"] = args.num_samples
     if getattr(args, "no_fidelity", False):

@@ -116,6 +116,30 @@ def _first_activation_scales(path: Path) -> list[float]:
     ]
 
 
+def test_quantize_attention_flag(calib_npz, tmp_path, capsys) -> None:
+    """tiny-bert (2 layers): the default keeps the 4 attention MatMuls float and says so; with
+    ``--quantize-attention`` they are quantized too (12 weight MatMuls + 4)."""
+    model, npz = calib_npz
+    counts = {}
+    for flag in ([], ["--quantize-attention"]):
+        out = tmp_path / f"q{len(flag)}.onnx"
+        assert main(["quantize", str(model), "--calib", str(npz), "-o", str(out), "--quiet", *flag]) == 0
+        text = capsys.readouterr().out
+        counts[bool(flag)] = ("activation x activation MatMul (attention)" in text, text)
+        quantized = onnx.load(str(out), load_external_data=False)
+        dq_fed = sum(
+            1
+            for n in quantized.graph.node
+            if n.op_type == "MatMul"
+            and all(
+                any(p.op_type == "DequantizeLinear" and p.output[0] == i for p in quantized.graph.node)
+                for i in n.input
+            )
+        )
+        counts[bool(flag)] = (counts[bool(flag)][0], dq_fed)
+    assert counts[False] == (True, 12) and counts[True] == (False, 16), counts
+
+
 def test_method_flag_changes_the_calibrated_scales(calib_npz, tmp_path) -> None:
     model, npz = calib_npz
     outs = {}
