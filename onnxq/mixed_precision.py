@@ -92,6 +92,7 @@ from onnxq.passes.smooth import (
     find_body_candidates,
     find_candidates,
     smooth_bodies,
+    summary_fields,
 )
 from onnxq.passes.upgrade_opset import OPSET_16BIT
 from onnxq.pipeline import (
@@ -856,10 +857,7 @@ def quantize_mixed(
         calibration_samples=builder.calibration.samples_seen,
         fidelity=after.outputs,
         fidelity_samples=len(eval_list),
-        smoothed={name: c.alpha for name, c in smoothing.items() if c.alpha is not None},
-        float_channels={
-            name: c.float_channels.size for name, c in smoothing.items() if c.float_channels.size
-        },
+        **summary_fields(smoothing),
         notes=tuple(notes),
     )
     return MixedPrecisionResult(

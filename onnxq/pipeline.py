@@ -66,6 +66,7 @@ from onnxq.passes.smooth import (
     find_body_candidates,
     find_candidates,
     smooth_bodies,
+    summary_fields,
 )
 from onnxq.passes.static_shapes import FixInputShapes, RefreshShapes
 from onnxq.passes.upcast_half import UpcastHalf
@@ -436,8 +437,7 @@ def quantize(
         fidelity=fidelity,
         fidelity_samples=len(calibration.kept_inputs),
         opset_upgraded_from=upgrade.upgraded_from,
-        smoothed={name: c.alpha for name, c in scales.items() if c.alpha is not None},
-        float_channels={name: c.float_channels.size for name, c in scales.items() if c.float_channels.size},
+        **summary_fields(scales),
         notes=tuple(notes),
         dynamic=dynamic,
     )

@@ -265,6 +265,14 @@ def choose_scale(
     return Smoothing(s, alpha, np.zeros(0, dtype=np.int64)) if alpha is not None else None
 
 
+def summary_fields(chosen: dict[str, Smoothing]) -> dict[str, dict[str, float] | dict[str, int]]:
+    """The summary's ``smoothed`` (activation → α) and ``float_channels`` (activation → count)."""
+    return {
+        "smoothed": {name: c.alpha for name, c in chosen.items() if c.alpha is not None},
+        "float_channels": {n: c.float_channels.size for n, c in chosen.items() if c.float_channels.size},
+    }
+
+
 def _per_channel_weights(plan: QuantPlan) -> dict[str, bool]:
     """Weight name → whether ``plan`` quantizes it per channel."""
     return {t.name: not isinstance(t.spec.granularity, PerTensor) for t in plan.weights.values()}
@@ -479,31 +487,33 @@ def fold_into_producer(
     return found[0]
 
 
-def _scale_rows(weight: ir.Value, s: np.ndarray, spill: SpillFile | None) -> None:
-    """Multiply row ``k`` of the 2-D constant ``weight`` by ``s[k]``, in place."""
+def _replace_constant(weight: ir.Value, array: np.ndarray, spill: SpillFile | None) -> None:
+    """``weight`` holds ``array`` from now on (its name kept); the old tensor's mapping is released
+    and, with a spill file, the new one waits there for the save."""
     old = weight.const_value
-    assert old is not None
-    w = old.numpy()
-    weight.const_value = ir.Tensor((w * s[:, None]).astype(w.dtype), name=weight.name)
-    del w
+    weight.const_value = ir.Tensor(array, name=weight.name)
     if isinstance(old, ir.ExternalTensor):
         old.release()
     if spill is not None:
         spill.take(weight)
+
+
+def _scale_rows(weight: ir.Value, s: np.ndarray, spill: SpillFile | None) -> None:
+    """Multiply row ``k`` of the 2-D constant ``weight`` by ``s[k]``, in place."""
+    assert weight.const_value is not None
+    w = weight.const_value.numpy()
+    scaled = (w * s[:, None]).astype(w.dtype)
+    del w  # a view of the old tensor's mapping, which is released next
+    _replace_constant(weight, scaled, spill)
 
 
 def _take_rows(weight: ir.Value, rows: np.ndarray, spill: SpillFile | None) -> np.ndarray:
     """Set ``rows`` of the 2-D constant ``weight`` to zero, in place; returns them as they were."""
-    old = weight.const_value
-    assert old is not None
-    w = old.numpy().copy()
+    assert weight.const_value is not None
+    w = weight.const_value.numpy().copy()
     taken = w[rows].copy()
     w[rows] = 0
-    weight.const_value = ir.Tensor(w, name=weight.name)
-    if isinstance(old, ir.ExternalTensor):
-        old.release()
-    if spill is not None:
-        spill.take(weight)
+    _replace_constant(weight, w, spill)
     return taken
 
 
