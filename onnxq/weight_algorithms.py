@@ -56,6 +56,18 @@ the opset upgrade and before :class:`~onnxq.passes.weight_only.WeightOnlyQuantiz
    ``max_shrink · clip_grid``) that minimises the block's partial-output error on the sampled rows,
    per output channel; weights are clamped to it. The modified float weights are held in memory
    until written back (the pass then quantizes and releases them one at a time).
+5. **Float rows** (``GPTQ.float_rows`` / ``AWQ.float_rows``, OWQ by Lee et al. 2024): per
+   activation, the input features with the largest ``ΣX²`` (the Hessian diagonal; at most
+   ``K // 16``) keep their weight rows in float: the integer weight holds zeros there and
+   :func:`add_float_rows` adds ``Gather(X, rows, axis=-1) → MatMul(·, W[rows]) → Add`` beside the
+   MatMul (one Gather per activation; float32 rows stored as float16 behind a ``Cast`` that ONNX
+   Runtime folds at load). GPTQ visits those rows first (zeroed, so no error is spread into them);
+   AWQ leaves them out of its searches and takes them out after every scale is folded (so they
+   carry the scales). Layer by layer, they are chosen from the Hessians of the quantized inputs
+   and the next layer sees them float. Only activations whose readers are all plain MatMuls
+   reading their weight as ``B`` get them. On SmolLM2-135M the two largest rows are the
+   "massive activations" (thousands, where the rest is < 15): a weight's rounding error there is
+   multiplied by them.
 
 The float function is unchanged by AWQ's scaling (up to float rounding); only quantization error
 moves. Calibration and evaluation data must be kept apart by the caller.
@@ -74,7 +86,7 @@ from tqdm.auto import tqdm
 from onnxq.config import AWQ, GPTQ, QuantConfig, QuantSpec
 from onnxq.errors import CalibrationDataError
 from onnxq.lowbit import WEIGHT_TYPES, WeightType, dequantize_blocks, quantize_blocks
-from onnxq.passes._util import Namer
+from onnxq.passes._util import Namer, release
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +103,16 @@ _SEED = 0x5EED
 class ActivationStats:
     """Mergeable statistics of one activation, viewed as rows ``[-1, K]``.
 
-    ``hessian``: ``ΣXᵀX`` (float64, or None when not asked for); ``abs_sum``: ``Σ|X|`` per channel;
-    ``rows``: rows folded in; ``sample_rows``/``sample_keys``: the reservoir (at most ``max_rows``
-    rows with the smallest keys). ``update`` per sample, ``merge`` shards (exact)."""
+    ``hessian``: ``ΣXᵀX`` (float64, or None when not asked for); ``abs_sum``/``sq_sum``: ``Σ|X|``
+    and ``ΣX²`` per channel (with the reservoir); ``rows``: rows folded in;
+    ``sample_rows``/``sample_keys``: the reservoir (at most ``max_rows`` rows with the smallest
+    keys). ``update`` per sample, ``merge`` shards (exact)."""
 
     hessian_wanted: bool = True
     max_rows: int = 0
     hessian: np.ndarray | None = None
     abs_sum: np.ndarray | None = None
+    sq_sum: np.ndarray | None = None
     rows: int = 0
     sample_rows: np.ndarray | None = None
     sample_keys: np.ndarray | None = None
@@ -112,6 +126,8 @@ class ActivationStats:
         if self.max_rows:
             a = np.abs(x).sum(axis=0, dtype=np.float64)
             self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
+            q = np.square(x, dtype=np.float64).sum(axis=0)
+            self.sq_sum = q if self.sq_sum is None else self.sq_sum + q
             if keys is None:
                 raise ValueError("reservoir sampling needs one key per row")
             self._keep(x, np.asarray(keys, np.float64))
@@ -132,6 +148,8 @@ class ActivationStats:
             self.hessian = other.hessian.copy() if self.hessian is None else self.hessian + other.hessian
         if other.abs_sum is not None:
             self.abs_sum = other.abs_sum.copy() if self.abs_sum is None else self.abs_sum + other.abs_sum
+        if other.sq_sum is not None:
+            self.sq_sum = other.sq_sum.copy() if self.sq_sum is None else self.sq_sum + other.sq_sum
         if other.sample_rows is not None:
             self._keep(other.sample_rows, other.sample_keys)  # type: ignore[arg-type]
         self.rows += other.rows
@@ -139,6 +157,12 @@ class ActivationStats:
 
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)  # type: ignore[operator]
+
+    def energy(self) -> np.ndarray | None:
+        """``ΣX²`` per channel (the Hessian's diagonal), or None without either statistic."""
+        if self.hessian is not None:
+            return np.diag(self.hessian).copy()
+        return None if self.sq_sum is None else self.sq_sum.copy()
 
 
 @dataclass
@@ -195,6 +219,57 @@ def find_targets(model: ir.Model, exclude: Callable[[ir.Node], str] | None = Non
             continue
         targets[name] = Target(value, nodes, bool(via_t) or bool(gemm_t and gemm_t[0]), acts)
     return targets
+
+
+def float_row_readers(targets: dict[str, Target], key: tuple[str, ...]) -> list[ir.Node] | None:
+    """The MatMuls that read the targets of activation ``key`` when float rows can be added beside
+    them (each reads its weight directly as ``B`` and all read one activation), else None."""
+    names = [n for n, t in targets.items() if tuple(t.activations) == key]
+    readers: list[ir.Node] = []
+    for name in names:
+        t = targets[name]
+        if t.transposed:
+            return None
+        for node in t.readers:
+            if (
+                node.op_type != "MatMul"
+                or node.domain not in ("", "ai.onnx")
+                or node.inputs[1] is not t.value
+            ):
+                return None
+            readers.append(node)
+    if not readers or len({id(r.inputs[0]) for r in readers}) != 1:
+        return None
+    return readers
+
+
+def add_float_rows(
+    model: ir.Model,
+    targets: dict[str, Target],
+    float_rows: dict[tuple[str, ...], np.ndarray],
+    rows: dict[str, np.ndarray],
+) -> tuple[int, int]:
+    """Add ``X[..., float_rows] @ rows`` beside the MatMuls of every target in ``rows`` (whose
+    integer weight has zeros there); float32 rows are stored as float16. Returns the number of
+    activations and the bytes of rows added."""
+    from onnxq.passes._util import add_float_channels
+
+    namer = Namer(model.graph)
+    groups = nbytes = 0
+    for key, keep in float_rows.items():
+        readers = float_row_readers(targets, key)
+        by_weight = {
+            id(t.value): rows[n] for n, t in targets.items() if tuple(t.activations) == key and n in rows
+        }
+        if readers is None or not keep.size or not by_weight:
+            continue
+        readers = [r for r in readers if id(r.inputs[1]) in by_weight]
+        dtype = readers[0].inputs[1].dtype  # type: ignore[union-attr]
+        storage = ir.DataType.FLOAT16 if dtype == ir.DataType.FLOAT else None
+        add_float_channels(model.graph, namer, readers, keep, by_weight, storage=storage)
+        groups += 1
+        nbytes += sum(a.size * (2 if storage is not None else a.itemsize) for a in by_weight.values())
+    return groups, nbytes
 
 
 def collect_statistics(
@@ -323,17 +398,31 @@ class HessianFactor:
     perm: np.ndarray
     diag: np.ndarray
     upper: np.ndarray
+    float_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
-def factor_hessian(hessian: np.ndarray, config: GPTQ) -> HessianFactor:
-    """Dead rows, act-order permutation and the damped inverse-Hessian Cholesky factor."""
+def choose_float_rows(energy: np.ndarray | None, count: int) -> np.ndarray:
+    """The rows kept float for an activation with per-channel ``energy`` (``ΣX²``): the ``count``
+    largest (at most ``K // 16``, none without energy), in ascending order."""
+    if energy is None or count <= 0:
+        return np.empty(0, np.int64)
+    top = np.argsort(-np.asarray(energy), kind="stable")[: min(count, len(energy) // 16)]
+    return np.sort(top[np.asarray(energy)[top] > 0]).astype(np.int64)
+
+
+def factor_hessian(hessian: np.ndarray, config: GPTQ, float_rows: np.ndarray | None = None) -> HessianFactor:
+    """Dead rows, visiting order (``float_rows`` first, then act order) and the damped
+    inverse-Hessian Cholesky factor."""
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     perm = np.argsort(-np.diag(h), kind="stable") if config.act_order else np.arange(len(h))
+    first = np.empty(0, np.int64) if float_rows is None else np.asarray(float_rows, np.int64)
+    if first.size:
+        perm = np.concatenate([first, perm[~np.isin(perm, first)]])
     h = h[np.ix_(perm, perm)]
     diag = np.diag(h).copy()
-    return HessianFactor(dead, perm, diag, _inverse_hessian_factor(h, config.damp))
+    return HessianFactor(dead, perm, diag, _inverse_hessian_factor(h, config.damp), first)
 
 
 def gptq_quantize(
@@ -346,11 +435,13 @@ def gptq_quantize(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GPTQ of ``w [K, N]`` (blocks of ``block`` along K, or one scale per column when None) with
     ``hessian [K, K]`` (any positive multiple of ``XᵀX``, or its :func:`factor_hessian`). Returns
-    ``(q, scale, zero_point)`` in the layout of :func:`onnxq.lowbit.quantize_blocks` with ``axis=0``."""
+    ``(q, scale, zero_point)`` in the layout of :func:`onnxq.lowbit.quantize_blocks` with ``axis=0``;
+    the factor's ``float_rows`` are zero (exactly: visited first, nothing is spread into them)."""
     f = hessian if isinstance(hessian, HessianFactor) else factor_hessian(hessian, config)
     W = np.array(w, dtype=np.float64)
     k, n = W.shape
     W[f.dead] = 0.0
+    W[f.float_rows] = 0.0
     g = k if block is None else min(block, k)
     n_groups = -(-k // g)
     static = config.act_order or block is None or bool(config.static_groups)
@@ -405,10 +496,17 @@ class GPTQQuantizer:
     factorisation of a Hessian is shared by the weights reading the same activation (q/k/v,
     gate/up), and both are released once its last weight is quantized."""
 
-    def __init__(self, config: GPTQ, targets: dict[str, Target], stats: dict[str, ActivationStats]) -> None:
+    def __init__(
+        self,
+        config: GPTQ,
+        targets: dict[str, Target],
+        stats: dict[str, ActivationStats],
+        float_rows: dict[tuple[str, ...], np.ndarray] | None = None,
+    ) -> None:
         self.config = config
         self.targets = targets
         self.stats = stats
+        self.float_rows = float_rows or {}
         self.remaining: dict[tuple[str, ...], int] = {}
         for t in targets.values():
             key = tuple(t.activations)
@@ -436,7 +534,7 @@ class GPTQQuantizer:
             if not hs:
                 return None
             h = sum(s.hessian for s in hs) / max(sum(s.rows for s in hs), 1)  # type: ignore[misc]
-            factor = self.factors[key] = factor_hessian(h, self.config)
+            factor = self.factors[key] = factor_hessian(h, self.config, self.float_rows.get(key))
             del h
         wk = w if axis == 0 else w.T
         q, scale, zp = gptq_quantize(wk, factor, wtype, block, symmetric, self.config)
@@ -462,9 +560,14 @@ class SequentialGPTQ:
     pass's hook: it hands out the precomputed ``(q, scale, zero_point)`` of each target."""
 
     def __init__(
-        self, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]]
+        self,
+        results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]],
+        float_rows: dict[tuple[str, ...], np.ndarray] | None = None,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.results = results
+        self.float_rows = float_rows or {}  # activation key → rows kept float
+        self.rows = rows or {}  # target → its float rows [len(rows), N] (original values)
         self.seconds = 0.0
 
     def __call__(
@@ -543,6 +646,9 @@ def sequential_gptq(
         remaining[tuple(t.activations)] = remaining.get(tuple(t.activations), 0) + 1
     stats: dict[str, ActivationStats] = {}
     results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]] = {}
+    branchable = {key for key in remaining if float_row_readers(targets, key) is not None}
+    float_rows: dict[tuple[str, ...], np.ndarray] = {}
+    rows: dict[str, np.ndarray] = {}
 
     open_session = segment_opener(folder)
 
@@ -567,11 +673,17 @@ def sequential_gptq(
                 continue  # never reached by the samples, or not a [K, N] read: RTN in the pass
             if key not in factors:
                 h = sum(s.hessian for s in hs) / max(sum(s.rows for s in hs), 1)  # type: ignore[misc]
-                factors[key] = factor_hessian(h, config)
+                keep = choose_float_rows(np.diag(h), config.float_rows if key in branchable else 0)
+                if keep.size:
+                    float_rows[key] = keep
+                factors[key] = factor_hessian(h, config, keep)
             block = _weight_block(spec, wk.shape[0])
             q, scale, zp = gptq_quantize(wk, factors[key], wtype, block, symmetric, config)
             results[name] = (q, scale, zp, block)
             deq = dequantize_blocks(q, scale, zp, 0, block).astype(wk.dtype)
+            if key in float_rows:
+                rows[name] = wk[float_rows[key]].copy()
+                deq[float_rows[key]] = rows[name]
             dequantized[name] = deq.T if t.transposed else deq
             remaining[key] -= 1
             if remaining[key] == 0:
@@ -645,7 +757,7 @@ def sequential_gptq(
         store.close()
     if count == 0:
         raise CalibrationDataError("the calibration data holds no samples")
-    return SequentialGPTQ(results), count
+    return SequentialGPTQ(results, float_rows, rows), count
 
 
 # ------------------------------------------------------------------------------------------------
@@ -667,22 +779,43 @@ def awq_search_scale(
     block: int | None,
     symmetric: bool,
     grid: int,
+    duo: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """The AWQ scale ``s [K]`` (and its α) minimising the group's output error on rows ``x``."""
+    """The AWQ scale ``s [K]`` (and its α) minimising the group's output error on rows ``x``:
+    ``mean|X|^α``, or with ``duo`` ``mean|X|^α / mean|Ŵ|^(1-α)`` (``Ŵ``: the weights relative to
+    their block's extremum per output channel; AutoAWQ's ``duo_scaling``)."""
     wcat = np.concatenate([np.asarray(w, np.float32) for w in weights], axis=1)
     x = np.asarray(x, np.float32)
     ref = x @ wcat
     best = (np.inf, np.ones(len(mean_abs), np.float32), 0.0)
     base = np.maximum(np.asarray(mean_abs, np.float64), 1e-8)
+    w_mean = _relative_weight_mean(wcat, block) if duo else None
+    empty = ~wcat.any(axis=1)  # rows without weights (float rows): any scale, keep them at 1
     for i in range(grid):
         alpha = i / grid
-        s = np.maximum(base**alpha, 1e-4)
+        s = base**alpha
+        if w_mean is not None:
+            s = s / (w_mean ** (1 - alpha) + 1e-4)
+        s = np.maximum(s, 1e-4)
+        s[empty] = 1.0
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         wq = _rtn(wcat * s[:, None], wtype, block, symmetric) / s[:, None]
         loss = float(np.mean((x @ wq - ref) ** 2))
         if loss < best[0]:
             best = (loss, s, alpha)
     return best[1], best[2]
+
+
+def _relative_weight_mean(w: np.ndarray, block: int | None) -> np.ndarray:
+    """Per row of ``w [K, N]``: the mean over columns of ``|w|`` relative to its block's (along K)
+    largest ``|w|`` in that column."""
+    a = np.abs(np.asarray(w, np.float64))
+    g = len(a) if block is None else block
+    rel = np.empty_like(a)
+    for b0 in range(0, len(a), g):
+        blk = a[b0 : b0 + g]
+        rel[b0 : b0 + g] = blk / (blk.max(axis=0, keepdims=True) + 1e-6)
+    return rel.mean(axis=1)
 
 
 def awq_clip(
@@ -727,6 +860,7 @@ class AWQReport:
     scaled: dict[str, tuple[float, str]] = field(default_factory=dict)  # activation → (α, where folded)
     scales: dict[str, np.ndarray] = field(default_factory=dict)  # activation → s (applied)
     clipped: int = 0
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # target → float rows (scaled, [r, N])
 
 
 def apply_awq(
@@ -735,8 +869,12 @@ def apply_awq(
     stats: dict[str, ActivationStats],
     spec: QuantSpec,
     config: AWQ,
+    float_rows: dict[tuple[str, ...], np.ndarray] | None = None,
 ) -> AWQReport:
-    """AWQ's scale search, folding and clip search on ``model`` in place (module docstring)."""
+    """AWQ's scale search, folding and clip search on ``model`` in place (module docstring). The
+    ``float_rows`` of an activation are left out of both searches, and taken out of the weights
+    (into ``AWQReport.rows``, zero in the weights) after every scale is applied."""
+    float_rows = float_rows or {}
     graph = model.graph
     wtype = WEIGHT_TYPES[spec.dtype]
     block = getattr(spec.granularity, "size", None)
@@ -765,10 +903,18 @@ def apply_awq(
         k = weight(names[0]).shape[0]
         if any(weight(n).shape[0] != k for n in names) or st.sample_rows.shape[1] != k:
             continue
+        keep = float_rows.get((act,), np.empty(0, np.int64))
         s, alpha = awq_search_scale(
-            st.mean_abs(), st.sample_rows, [weight(n) for n in names], wtype, block, symmetric, config.grid
+            st.mean_abs(),
+            st.sample_rows,
+            [_zero_rows(weight(n), keep) for n in names],
+            wtype,
+            block,
+            symmetric,
+            config.grid,
+            config.duo,
         )
-        if alpha == 0.0:
+        if alpha == 0.0 and not config.duo:
             report.scaled[act] = (0.0, "not scaled (α = 0 is best)")
             continue
         scales[act] = s
@@ -781,6 +927,12 @@ def apply_awq(
             report.scaled[act][0],
             _fold(graph, namer, values[act], s, groups[act], targets, weight, arrays),
         )
+    for act, names in groups.items():  # after every fold: a fold may scale another group's rows
+        keep = float_rows.get((act,))
+        if keep is not None and keep.size:
+            for n in names:
+                report.rows[n] = weight(n)[keep].copy()
+                arrays[n][keep] = 0.0
     if config.clip:
         for act, names in groups.items():
             st = stats[act]
@@ -797,6 +949,15 @@ def apply_awq(
     for name, w in arrays.items():
         _write_back(targets[name].value, np.ascontiguousarray(w.T) if targets[name].transposed else w)
     return report
+
+
+def _zero_rows(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``w`` with ``rows`` set to zero (a copy when there are any)."""
+    if not rows.size:
+        return w
+    w = w.copy()
+    w[rows] = 0.0
+    return w
 
 
 def _fold(graph, namer, x: ir.Value, s, group, targets, weight, arrays) -> str:
@@ -917,6 +1078,13 @@ def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
     return [inputs[i] for i in kept], [outputs[i] for i in kept]
 
 
+def _float_rows_note(groups: int, nbytes: int, float_rows: dict[tuple[str, ...], np.ndarray]) -> list[str]:
+    if not groups:
+        return []
+    count = sum(len(float_rows[k]) for k in float_rows)
+    return [f"float rows: {count} input features of {groups} activations kept float ({nbytes / 1e6:.2f} MB)"]
+
+
 @dataclass
 class Prepared:
     """What :func:`prepare_algorithm` hands the weight-only pipeline."""
@@ -961,7 +1129,11 @@ def prepare_algorithm(
             f"GPTQ layer by layer: {len(hook.results)} of {len(targets)} weights from {n} calibration "
             f"samples in {time.perf_counter() - t0:.1f} s"
         ]
-        return Prepared(hook, _fp32_references(model, kept), n, notes)  # type: ignore[arg-type]
+        references = _fp32_references(model, kept)  # before the float rows join the fp32 weights
+        notes += _float_rows_note(
+            *add_float_rows(model, targets, hook.float_rows, hook.rows), hook.float_rows
+        )
+        return Prepared(hook, references, n, notes)  # type: ignore[arg-type]
     stats, n, kept_in, kept_out = collect_statistics(
         model,
         acts,
@@ -976,9 +1148,22 @@ def prepare_algorithm(
         f"{type(algo).__name__}: statistics of {len(stats)} activations for {len(targets)} weights "
         f"from {n} calibration samples in {t_stats:.1f} s"
     ]
+    float_rows: dict[tuple[str, ...], np.ndarray] = {}
+    for key in dict.fromkeys(tuple(t.activations) for t in targets.values()):
+        found = [stats[a].energy() for a in key if a in stats]
+        if (
+            algo.float_rows
+            and found
+            and all(e is not None for e in found)
+            and float_row_readers(targets, key)
+        ):
+            keep = choose_float_rows(sum(found), algo.float_rows)  # type: ignore[arg-type]
+            if keep.size:
+                float_rows[key] = keep
     if awq is not None:
         t1 = time.perf_counter()
-        report = apply_awq(model, targets, stats, config.weights, awq)
+        report = apply_awq(model, targets, stats, config.weights, awq, float_rows)
+        notes += _float_rows_note(*add_float_rows(model, targets, float_rows, report.rows), float_rows)
         inserted = sum(1 for _, where in report.scaled.values() if where.startswith("Mul"))
         scaled = sum(1 for a, _ in report.scaled.values() if a > 0)
         notes.append(
@@ -993,8 +1178,18 @@ def prepare_algorithm(
                 st.hessian = st.hessian * inv[:, None] * inv[None, :]
         for st in stats.values():
             st.sample_rows = st.sample_keys = st.abs_sum = None
+    elif float_rows:  # GPTQ in one pass: the rows as they are (the hook zeroes them in the weight)
+        rows = {}
+        for name, t in targets.items():
+            keep = float_rows.get(tuple(t.activations))
+            if keep is not None:
+                w = t.value.const_value.numpy()  # type: ignore[union-attr]
+                rows[name] = np.array((w.T if t.transposed else w)[keep], np.float32)
+                del w
+                release(t.value)
+        notes += _float_rows_note(*add_float_rows(model, targets, float_rows, rows), float_rows)
     if is_gptq:
-        return Prepared(GPTQQuantizer(algo, targets, stats), (kept_in, kept_out), n, notes)  # type: ignore[arg-type]
+        return Prepared(GPTQQuantizer(algo, targets, stats, float_rows), (kept_in, kept_out), n, notes)  # type: ignore[arg-type]
     del stats
     return Prepared(None, (kept_in, kept_out), n, notes)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -68,7 +70,15 @@ def test_gptq_handles_dead_inputs_and_ragged_blocks() -> None:
 
 
 @pytest.mark.parametrize(
-    "algorithm", [GPTQ(), GPTQ(act_order=False, clip_grid=0), AWQ(), AWQ(clip=False), GPTQ(awq=AWQ())]
+    "algorithm",
+    [
+        GPTQ(float_rows=0),
+        GPTQ(act_order=False, clip_grid=0, float_rows=0),
+        AWQ(float_rows=0),
+        AWQ(clip=False, float_rows=0),
+        AWQ(duo=True, float_rows=0),
+        GPTQ(awq=AWQ(), float_rows=0),
+    ],
 )
 def test_matmul_model_error_below_rtn(algorithm) -> None:
     x, w = _activations(rows=64 * 8), _weight()
@@ -86,6 +96,40 @@ def test_matmul_model_error_below_rtn(algorithm) -> None:
     ops = [n.op_type for n in res.model.graph]
     # X is a graph input: AWQ has no producer to fold into and inserts one Mul; GPTQ changes no node
     assert ops.count("Mul") == (0 if isinstance(algorithm, GPTQ) and algorithm.awq is None else 1)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [GPTQ(), GPTQ(sequential=False), GPTQ(act_order=False, sequential=False), AWQ(), GPTQ(awq=AWQ())],
+)
+def test_float_rows_keep_the_outlier_channels_exact(algorithm) -> None:
+    rng = np.random.default_rng(0)
+    x, w = _activations(rows=64 * 8), _weight()
+    outliers = np.sort(rng.choice(256, 8, replace=False))
+    x[:, outliers] *= 30.0  # the 8 channels with by far the largest energy
+    feeds = [{"x": x[i : i + 64]} for i in range(0, len(x), 64)]
+    model = matmul_model(w)
+    ref = _run(model, feeds)
+    pure = dataclasses.replace(algorithm, float_rows=0)
+    got = {}
+    for algo in (algorithm, pure):
+        res = onnxq.quantize(
+            model, feeds, config=QuantConfig.weight_only("int4", 64, algorithm=algo), progress=False
+        )
+        proto = onnx.load_from_string(onnxq_bytes(res))
+        got[algo.float_rows] = _rel_error(ref, _run(proto, feeds))
+        if algo.float_rows:
+            inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+            gather = next(n for n in proto.graph.node if n.op_type == "Gather")
+            assert sorted(inits[gather.input[1]].tolist()) == sorted(outliers.tolist())
+            rows = [a for a in inits.values() if a.dtype == np.float16]  # float32 rows stored as float16
+            assert len(rows) == 1 and rows[0].shape == (8, 64)
+            dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
+            zp = inits[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
+            deq = dequantize_blocks(inits[dq.input[0]], inits[dq.input[1]], zp, 0, 64)
+            assert np.all(deq[outliers] == 0)  # the integer weight holds nothing of those rows
+            assert any("float rows: 8 input features" in note for note in res.summary.notes)
+    assert got[8] < 0.5 * got[0], got
 
 
 def onnxq_bytes(result) -> bytes:

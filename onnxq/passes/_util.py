@@ -53,6 +53,77 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def add_float_channels(
+    graph: ir.Graph,
+    namer: Namer,
+    readers: list[ir.Node],
+    channels: np.ndarray,
+    rows: dict[int, np.ndarray],
+    spill: SpillFile | None = None,
+    storage: ir.DataType | None = None,
+) -> None:
+    """Beside every MatMul in ``readers`` (reading the same ``x``), add ``x[..., channels] @ rows``
+    in float to its output: ``Gather`` once, then a ``MatMul`` and an ``Add`` per reader (``rows``:
+    ``id(reader's weight value)`` → ``[len(channels), N]``). The ``Add`` takes over the output's
+    name and uses; the MatMul's output gets a new name. ``storage``: a narrower float type the rows
+    are stored in, with a ``Cast`` back to ``x``'s type (folded by ONNX Runtime at load)."""
+    x = readers[0].inputs[0]
+    assert x is not None
+    base = readers[0].name or "matmul"
+    index = add_initializer(graph, namer(f"{base}_float_channels"), channels.astype(np.int64))
+    gather = ir.node("Gather", [x, index], attributes={"axis": -1}, name=namer(f"{base}_float_channels"))
+    picked = gather.outputs[0]
+    picked.name = namer(f"{x.name}_float_channels")
+    if x.dtype is not None:
+        picked.dtype = x.dtype
+    if x.shape is not None:
+        picked.shape = ir.Shape([*list(x.shape)[:-1], int(channels.size)])
+    graph.insert_before(readers[0], gather)
+    for node in readers:
+        y = node.outputs[0]
+        weight = node.inputs[1]
+        assert weight is not None
+        array = rows[id(weight)]
+        if storage is not None:
+            array = array.astype(storage.numpy())
+        side_w = add_initializer(graph, namer(f"{weight.name}_float_rows"), array)
+        if spill is not None:
+            spill.take(side_w)
+        compute = weight.dtype or x.dtype
+        if storage is not None and compute is not None and storage != compute:
+            cast = ir.node(
+                "Cast", [side_w], attributes={"to": compute.value}, name=namer(f"{side_w.name}_cast")
+            )
+            cast.outputs[0].name = namer(f"{side_w.name}_{compute.name.lower()}")
+            cast.outputs[0].dtype, cast.outputs[0].shape = compute, side_w.shape
+            graph.insert_before(node, cast)
+            side_w = cast.outputs[0]
+        side = ir.node("MatMul", [picked, side_w], name=namer(f"{node.name}_float_channels"))
+        side.outputs[0].name = namer(f"{y.name}_float_channels")
+        _same_type(side.outputs[0], y)
+        graph.insert_before(node, side)
+        uses = list(y.uses())
+        name = y.name
+        y.name = namer(f"{name}_quantized")
+        add = ir.node("Add", [y, side.outputs[0]], name=namer(f"{node.name}_plus_float_channels"))
+        total = add.outputs[0]
+        total.name = name
+        _same_type(total, y)
+        graph.insert_after(node, add)
+        for use in uses:
+            use.node.replace_input_with(use.idx, total)
+        if y.is_graph_output():
+            graph.outputs[graph.outputs.index(y)] = total
+
+
+def _same_type(value: ir.Value, like: ir.Value) -> None:
+    """Give ``value`` the element type and shape of ``like`` (what of them is known)."""
+    if like.dtype is not None:
+        value.dtype = like.dtype
+    if like.shape is not None:
+        value.shape = like.shape
+
+
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The array of an initializer (None for anything computed at run time)."""
     if value is None or not value.is_initializer() or value.const_value is None:

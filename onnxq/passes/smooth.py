@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from onnxq.calibrate import ChannelStats
 from onnxq.config import PerTensor, QuantSpec, SmoothQuant
-from onnxq.passes._util import Namer, SpillFile, add_initializer, release
+from onnxq.passes._util import Namer, SpillFile, add_float_channels, add_initializer, release
 from onnxq.plan import BodyPlan, QuantPlan
 from onnxq.qmath import IntType, int_type, scale_zero_point
 
@@ -517,51 +517,6 @@ def _take_rows(weight: ir.Value, rows: np.ndarray, spill: SpillFile | None) -> n
     return taken
 
 
-def _add_float_channels(
-    graph: ir.Graph,
-    namer: Namer,
-    readers: list[ir.Node],
-    channels: np.ndarray,
-    rows: dict[int, np.ndarray],
-    spill: SpillFile | None,
-) -> None:
-    """Beside every MatMul in ``readers`` (reading the same ``x``), add ``x[..., channels] @ rows``
-    in float to its output: ``Gather`` once, then a ``MatMul`` and an ``Add`` per reader. The
-    ``Add`` takes over the output's name and uses; the MatMul's output gets a new name."""
-    x = readers[0].inputs[0]
-    assert x is not None
-    base = readers[0].name or "matmul"
-    index = add_initializer(graph, namer(f"{base}_float_channels"), channels.astype(np.int64))
-    gather = ir.node("Gather", [x, index], attributes={"axis": -1}, name=namer(f"{base}_float_channels"))
-    picked = gather.outputs[0]
-    picked.name, picked.dtype = namer(f"{x.name}_float_channels"), x.dtype
-    if x.shape is not None:
-        picked.shape = ir.Shape([*list(x.shape)[:-1], int(channels.size)])
-    graph.insert_before(readers[0], gather)
-    for node in readers:
-        y = node.outputs[0]
-        weight = node.inputs[1]
-        assert weight is not None
-        side_w = add_initializer(graph, namer(f"{weight.name}_float_rows"), rows[id(weight)])
-        if spill is not None:
-            spill.take(side_w)
-        side = ir.node("MatMul", [picked, side_w], name=namer(f"{node.name}_float_channels"))
-        side.outputs[0].name = namer(f"{y.name}_float_channels")
-        side.outputs[0].dtype, side.outputs[0].shape = y.dtype, y.shape
-        graph.insert_before(node, side)
-        uses = list(y.uses())
-        name = y.name
-        y.name = namer(f"{name}_quantized")
-        add = ir.node("Add", [y, side.outputs[0]], name=namer(f"{node.name}_plus_float_channels"))
-        total = add.outputs[0]
-        total.name, total.dtype, total.shape = name, y.dtype, y.shape
-        graph.insert_after(node, add)
-        for use in uses:
-            use.node.replace_input_with(use.idx, total)
-        if y.is_graph_output():
-            graph.outputs[graph.outputs.index(y)] = total
-
-
 def _insert_inverse(
     graph: ir.Graph,
     constants: ir.Graph,
@@ -639,7 +594,7 @@ class SmoothActivations(ir.passes.InPlacePass):
             if choice.float_channels.size:
                 cand = self.candidates[name]
                 rows = {id(w): _take_rows(w, choice.float_channels, self.spill) for w in cand.weights}
-                _add_float_channels(graph, namer, cand.nodes, choice.float_channels, rows, self.spill)
+                add_float_channels(graph, namer, cand.nodes, choice.float_channels, rows, self.spill)
         return ir.passes.PassResult(model, True)
 
 
