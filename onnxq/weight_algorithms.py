@@ -988,6 +988,8 @@ def _fold(graph, namer, x: ir.Value, s, group, targets, weight, arrays) -> str:
             new.shape, new.dtype = ir.Shape([k]), ir.DataType.from_numpy(folded.dtype)
             graph.register_initializer(new)
             producer.replace_input_with(idx, new)
+            if operand.is_initializer() and not operand.uses() and not operand.is_graph_output():
+                graph.initializers.pop(operand.name, None)  # nothing reads the old constant now
             return f"into {producer.name} (constant {operand.name})"
         for operand in producer.inputs:  # Mul(a, MatMul(y, W_up)): scale W_up's output columns
             where = _fold_into_matmul(operand, x, inv, targets, weight, arrays)

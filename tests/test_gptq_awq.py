@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+import models
 import onnxq
 from onnxq import AWQ, GPTQ, CalibrationDataError, ConfigError, QuantConfig
 from onnxq.lowbit import WEIGHT_TYPES, dequantize_blocks, quantize_blocks
@@ -281,3 +282,37 @@ def test_missing_calibration_data_is_a_clear_error() -> None:
     model = matmul_model(_weight())
     with pytest.raises(CalibrationDataError, match="GPTQ\\(\\) needs calibration data"):
         onnxq.quantize(model, config=QuantConfig.weight_only("int4", 64, algorithm=GPTQ()))
+
+
+# --- the real all-MiniLM-L6-v2 --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not models.is_built("minilm-real"), reason="minilm-real is not built")
+@pytest.mark.parametrize("algorithm", [GPTQ(sequential=False), AWQ()])
+def test_float_rows_help_the_real_minilm(model_path, calib_feeds, tmp_path, algorithm) -> None:
+    """all-MiniLM-L6-v2, int4 block 32, 16 calibration samples: keeping 8 input features per
+    activation float (24 activations, 0.33 MB) cuts the embedding error (1 - cosine vs fp32 on other
+    inputs) by >= 10 % (measured: GPTQ one pass 1.77e-2 -> 1.53e-2, AWQ 2.20e-2 -> 1.80e-2)."""
+    path, calib = model_path("minilm-real"), calib_feeds("minilm-real", 16)
+    held_out = models.sample_inputs("minilm-real", 8, seed=1)
+    ref = _run_file(path, held_out)
+    error = {}
+    for algo in (algorithm, dataclasses.replace(algorithm, float_rows=0)):
+        out = tmp_path / f"{algo.float_rows}.onnx"
+        config = QuantConfig.weight_only("int4", 32, algorithm=algo)
+        result = onnxq.quantize(path, calib, config=config, output=out, progress=False)
+        got = _run_file(out, held_out)
+        error[algo.float_rows] = 1 - np.mean([_cosine(a, b) for a, b in zip(ref, got, strict=True)])
+        if algo.float_rows:
+            assert any("float rows: 192 input features of 24 activations" in n for n in result.summary.notes)
+    assert error[8] < 0.9 * error[0], error
+
+
+def _run_file(path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [sess.run(None, f)[0] for f in feeds]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
