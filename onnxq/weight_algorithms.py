@@ -264,8 +264,9 @@ def add_float_rows(
         if readers is None or not keep.size or not by_weight:
             continue
         readers = [r for r in readers if id(r.inputs[1]) in by_weight]
-        dtype = readers[0].inputs[1].dtype  # type: ignore[union-attr]
+        dtype = readers[0].inputs[1].dtype or ir.DataType.FLOAT  # type: ignore[union-attr]
         storage = ir.DataType.FLOAT16 if dtype == ir.DataType.FLOAT else None
+        by_weight = {k: v.astype(dtype.numpy()) for k, v in by_weight.items()}  # half models: half rows
         add_float_channels(model.graph, namer, readers, keep, by_weight, storage=storage)
         groups += 1
         nbytes += sum(a.size * (2 if storage is not None else a.itemsize) for a in by_weight.values())

@@ -133,6 +133,38 @@ def test_float_rows_keep_the_outlier_channels_exact(algorithm) -> None:
     assert got[8] < 0.5 * got[0], got
 
 
+@pytest.mark.parametrize("algorithm", [GPTQ(), AWQ()])
+def test_float_rows_of_a_half_model_stay_half_and_float(algorithm) -> None:
+    x, w = _activations(rows=64 * 4), _weight()
+    x[:, [3, 77]] *= 30.0
+    model = matmul_model(w)
+    half = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["b", 256])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, ["b", 64])],
+            [numpy_helper.from_array(w.astype(np.float16), "w")],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 18)],
+        ir_version=8,
+    )
+    feeds = [{"x": x[i : i + 64].astype(np.float16)} for i in range(0, len(x), 64)]
+    ref = _run(model, [{"x": f["x"].astype(np.float32)} for f in feeds])
+    got = {}
+    for algo in (algorithm, dataclasses.replace(algorithm, float_rows=0)):
+        res = onnxq.quantize(
+            half, feeds, config=QuantConfig.weight_only("int4", 64, algorithm=algo), progress=False
+        )
+        proto = onnx.load_from_string(onnxq_bytes(res))
+        got[algo.float_rows] = _rel_error(ref, [y.astype(np.float32) for y in _run(proto, feeds)])
+        if algo.float_rows:
+            side = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[0] != "x"]
+            rows = next(t for t in proto.graph.initializer if t.name == side[0])  # read as is
+            assert rows.data_type == onnx.TensorProto.FLOAT16 and tuple(rows.dims) == (8, 64)
+    assert got[8] < 0.7 * got[0], got
+
+
 def onnxq_bytes(result) -> bytes:
     import onnx_ir as ir
 

@@ -53,6 +53,9 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+FLOAT_ROWS = "onnxq.float_rows"  # Value.meta key of the float rows add_float_channels adds
+
+
 def add_float_channels(
     graph: ir.Graph,
     namer: Namer,
@@ -87,6 +90,7 @@ def add_float_channels(
         if storage is not None:
             array = array.astype(storage.numpy())
         side_w = add_initializer(graph, namer(f"{weight.name}_float_rows"), array)
+        side_w.meta[FLOAT_ROWS] = True  # never quantized by a later pass
         if spill is not None:
             spill.take(side_w)
         compute = weight.dtype or x.dtype

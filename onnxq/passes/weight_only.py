@@ -49,7 +49,7 @@ import onnx_ir as ir
 from onnxq import codebook as cb
 from onnxq.config import Codebook, PerBlock, PerChannel, QuantSpec
 from onnxq.lowbit import WEIGHT_TYPES, WeightType, decode_table, n_blocks, pack, quantize_blocks
-from onnxq.passes._util import Namer, SpillFile, release
+from onnxq.passes._util import FLOAT_ROWS, Namer, SpillFile, release
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,8 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
             value = graph.initializers[name]
             self._cache = None
             const = value.const_value
-            if const is None or value.dtype not in FLOAT_TYPES:
-                continue
+            if const is None or value.dtype not in FLOAT_TYPES or value.meta.get(FLOAT_ROWS):
+                continue  # float rows (add_float_channels) stay float by design
             uses = _uses(value)
             readers = [*uses.matmul, *uses.gemm, *uses.gather, *(m for _, ms in uses.transposed for m in ms)]
             if not readers:
