@@ -127,7 +127,7 @@ class GPTQ:
       (normalisation outputs and "massive activations" of decoders), where a rounding error of the
       weight is multiplied by the outlier. 8 rows cost 8·16 bits per output column (0.22 bit a
       weight at K = 576) and an extra Gather/MatMul/Add per activation; SmolLM2-135M, int4 block
-      128: perplexity +14.6 % → +7 %. ``0``: pure integer weights. With ``awq``, this field (not
+      128: perplexity +14.5 % → +7.5 %. ``0``: pure integer weights. With ``awq``, this field (not
       the AWQ's) is used.
 
     Details: :mod:`onnxq.weight_algorithms`.
