@@ -1166,6 +1166,8 @@ def prepare_algorithm(
     if awq is not None:
         t1 = time.perf_counter()
         report = apply_awq(model, targets, stats, config.weights, awq, float_rows)
+        taken = {tuple(targets[n].activations) for n in report.rows}  # a group AWQ skipped keeps its rows
+        float_rows = {k: v for k, v in float_rows.items() if k in taken}
         notes += _float_rows_note(*add_float_rows(model, targets, float_rows, report.rows), float_rows)
         inserted = sum(1 for _, where in report.scaled.values() if where.startswith("Mul"))
         scaled = sum(1 for a, _ in report.scaled.values() if a > 0)
