@@ -13,6 +13,11 @@ For each model (default random-weight ``bert-base``):
 Contenders: onnxq int4 block 32 / block 128 and int8 block 128 (``QuantConfig.weight_only``, the
 blocked-DequantizeLinear form ORT fuses into MatMulNBits), ORT ``MatMulNBitsQuantizer`` (4 bits,
 block 128, symmetric, RTN: its defaults). ``--no-latency`` only quantizes (e.g. SmolLM2 for memory).
+Not in the default set: ``onnxq-int4-b128-awq`` / ``onnxq-int4-b128-awq-integer`` — AWQ with its
+8 float rows / without (``float_rows=0``), tables left float, calibrated on ``--calib-samples``
+seeded inputs of ``--calib-seq-len`` tokens (default ``--seq-len``; seed 0, apart from the
+evaluation seed): what the float
+rows' extra Gather/MatMul/Add cost in latency (GPTQ's graph is the same).
 
     .venv/bin/python tools/bench_weight_only.py [--models bert-base] [--rounds 3] [--json out.json]
     .venv/bin/python tools/bench_weight_only.py --models smollm2-135m --no-latency \
@@ -45,6 +50,11 @@ CONTENDERS = {
     "onnxq-int8-b128": "onnxq int8 block 128",
     "ort-nbits-b128": "ORT MatMulNBits (4 bit, block 128, RTN)",
 }
+EXTRA = {
+    "onnxq-int4-b128-awq": "onnxq int4 block 128, AWQ (8 float rows)",
+    "onnxq-int4-b128-awq-integer": "onnxq int4 block 128, AWQ, integer weights only",
+}
+LABELS = {**CONTENDERS, **EXTRA}
 
 
 def _status_kb(key: str) -> int:
@@ -72,10 +82,15 @@ def run_worker(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     notes: dict = {}
     if name.startswith("onnxq"):
-        dtype, block = name.split("-")[1], int(name.split("-b")[1])
-        result = onnxq.quantize(
-            model, config=QuantConfig.weight_only(dtype, block), output=output, progress=False
-        )
+        parts = name.split("-")
+        dtype, block = parts[1], int(parts[2][1:])
+        config, calib = QuantConfig.weight_only(dtype, block), None
+        if "awq" in parts:
+            data = np.load(args.calib)
+            calib = [{k: v[i] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
+            algorithm = onnxq.AWQ(float_rows=0 if "integer" in parts else 8)
+            config = QuantConfig.weight_only(dtype, block, algorithm=algorithm, exclude_op_types=("Gather",))
+        result = onnxq.quantize(model, calib, config=config, output=output, progress=False)
         notes = {
             "quantized": result.summary.quantized_nodes,
             "float": len(result.summary.float_nodes),
@@ -154,6 +169,11 @@ def bench(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     fp32 = models.build(name)
     run: dict = {"model": name, "fp32_size": file_size(fp32), "rows": {}}
     outputs = {"fp32": str(fp32)}
+    calib = tmp / "calib.npz"
+    if any("awq" in key for key in args.contenders):
+        calib_len = args.calib_seq_len or args.seq_len
+        samples = models.sample_inputs(name, args.calib_samples, seed=0, seq_len=calib_len)
+        np.savez(calib, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
     for key in args.contenders:
         folder = tmp / key
         folder.mkdir()
@@ -169,6 +189,8 @@ def bench(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             str(folder / "model.onnx"),
             "--result",
             str(result),
+            "--calib",
+            str(calib),
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(argv, cwd=folder, capture_output=True, text=True)
@@ -228,7 +250,7 @@ def render(run: dict, rounds: int, runs: int) -> str:
         )
     for key, r in run["rows"].items():
         if "error" in r:
-            lines.append(f"| {CONTENDERS[key]} | failed: {r['error']} |")
+            lines.append(f"| {LABELS[key]} | failed: {r['error']} |")
             continue
         lat = (
             (
@@ -240,7 +262,7 @@ def render(run: dict, rounds: int, runs: int) -> str:
             else "— | — | — | —"
         )
         lines.append(
-            f"| {CONTENDERS[key]} | {r['seconds']:.1f} | {r['peak_rss'] / 1e6:.0f} | "
+            f"| {LABELS[key]} | {r['seconds']:.1f} | {r['peak_rss'] / 1e6:.0f} | "
             f"{r['rss_before'] / 1e6:.0f} | {r['size'] / 1e6:.1f} | {100 * r['size'] / fp:.1f}% | {lat} |"
         )
     lines.append("")
@@ -269,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (default --seq-len)")
+    p.add_argument("--calib")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.worker == "latency":
