@@ -86,7 +86,7 @@ from tqdm.auto import tqdm
 from onnxq.config import AWQ, GPTQ, QuantConfig, QuantSpec
 from onnxq.errors import CalibrationDataError
 from onnxq.lowbit import WEIGHT_TYPES, WeightType, dequantize_blocks, quantize_blocks
-from onnxq.passes._util import Namer, release
+from onnxq.passes._util import Namer, add_float_channels, release
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +248,12 @@ def add_float_rows(
     targets: dict[str, Target],
     float_rows: dict[tuple[str, ...], np.ndarray],
     rows: dict[str, np.ndarray],
-) -> tuple[int, int]:
+) -> list[str]:
     """Add ``X[..., float_rows] @ rows`` beside the MatMuls of every target in ``rows`` (whose
-    integer weight has zeros there); float32 rows are stored as float16. Returns the number of
-    activations and the bytes of rows added."""
-    from onnxq.passes._util import add_float_channels
-
+    integer weight has zeros there); float32 rows are stored as float16. Returns the summary's
+    note on them (none when nothing was added)."""
     namer = Namer(model.graph)
-    groups = nbytes = 0
+    groups = count = nbytes = 0
     for key, keep in float_rows.items():
         readers = float_row_readers(targets, key)
         by_weight = {
@@ -269,8 +267,11 @@ def add_float_rows(
         by_weight = {k: v.astype(dtype.numpy()) for k, v in by_weight.items()}  # half models: half rows
         add_float_channels(model.graph, namer, readers, keep, by_weight, storage=storage)
         groups += 1
+        count += keep.size
         nbytes += sum(a.size * (2 if storage is not None else a.itemsize) for a in by_weight.values())
-    return groups, nbytes
+    if not groups:
+        return []
+    return [f"float rows: {count} input features of {groups} activations kept float ({nbytes / 1e6:.2f} MB)"]
 
 
 def collect_statistics(
@@ -1081,13 +1082,6 @@ def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
     return [inputs[i] for i in kept], [outputs[i] for i in kept]
 
 
-def _float_rows_note(groups: int, nbytes: int, float_rows: dict[tuple[str, ...], np.ndarray]) -> list[str]:
-    if not groups:
-        return []
-    count = sum(len(float_rows[k]) for k in float_rows)
-    return [f"float rows: {count} input features of {groups} activations kept float ({nbytes / 1e6:.2f} MB)"]
-
-
 @dataclass
 class Prepared:
     """What :func:`prepare_algorithm` hands the weight-only pipeline."""
@@ -1133,9 +1127,7 @@ def prepare_algorithm(
             f"samples in {time.perf_counter() - t0:.1f} s"
         ]
         references = _fp32_references(model, kept)  # before the float rows join the fp32 weights
-        notes += _float_rows_note(
-            *add_float_rows(model, targets, hook.float_rows, hook.rows), hook.float_rows
-        )
+        notes += add_float_rows(model, targets, hook.float_rows, hook.rows)
         return Prepared(hook, references, n, notes)  # type: ignore[arg-type]
     stats, n, kept_in, kept_out = collect_statistics(
         model,
@@ -1168,7 +1160,7 @@ def prepare_algorithm(
         report = apply_awq(model, targets, stats, config.weights, awq, float_rows)
         taken = {tuple(targets[n].activations) for n in report.rows}  # a group AWQ skipped keeps its rows
         float_rows = {k: v for k, v in float_rows.items() if k in taken}
-        notes += _float_rows_note(*add_float_rows(model, targets, float_rows, report.rows), float_rows)
+        notes += add_float_rows(model, targets, float_rows, report.rows)
         inserted = sum(1 for _, where in report.scaled.values() if where.startswith("Mul"))
         scaled = sum(1 for a, _ in report.scaled.values() if a > 0)
         notes.append(
@@ -1189,10 +1181,10 @@ def prepare_algorithm(
             keep = float_rows.get(tuple(t.activations))
             if keep is not None:
                 w = t.value.const_value.numpy()  # type: ignore[union-attr]
-                rows[name] = np.array((w.T if t.transposed else w)[keep], np.float32)
+                rows[name] = np.array((w.T if t.transposed else w)[keep])
                 del w
                 release(t.value)
-        notes += _float_rows_note(*add_float_rows(model, targets, float_rows, rows), float_rows)
+        notes += add_float_rows(model, targets, float_rows, rows)
     if is_gptq:
         return Prepared(GPTQQuantizer(algo, targets, stats, float_rows), (kept_in, kept_out), n, notes)  # type: ignore[arg-type]
     del stats
