@@ -267,6 +267,9 @@ class ActivationStore:
         f.readinto(memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[union-attr]
         return out
 
+    def has(self, sample: int, name: str) -> bool:
+        return (sample, name) in self.memory or (sample, name) in self.spilled
+
     def drop(self, names: Iterable[str]) -> None:
         names = set(names)
         for key in [k for k in self.memory if k[1] in names]:

@@ -56,6 +56,16 @@ the opset upgrade and before :class:`~onnxq.passes.weight_only.WeightOnlyQuantiz
    ``max_shrink · clip_grid``) that minimises the block's partial-output error on the sampled rows,
    per output channel; weights are clamped to it. The modified float weights are held in memory
    until written back (the pass then quantizes and releases them one at a time).
+   ``AWQ(loss="block")`` searches ``s`` on the output of the block the group feeds instead, as the
+   AWQ paper and AutoAWQ do (:func:`find_block_regions`: from the group's MatMuls forward to the
+   next target MatMuls, so q/k/v → attention → o_proj and gate/up → act · up → down_proj; groups
+   without one keep their own outputs): the block's run-time inputs (the activation, mask, rotary
+   tables, shapes) of the first ``loss_samples`` samples are captured whole in the statistics
+   pass (an :class:`~onnxq.segments.ActivationStore`, spilled to an anonymous temporary file past
+   its budget) and ONNX Runtime runs the block with each candidate's weights as inputs.
+   ``AWQ(sequential=True)`` runs the searches layer by layer instead (:func:`layer_by_layer`, as
+   GPTQ does): each group's statistics come from the outputs of the AWQ-quantized layers before
+   it, and every scale is folded once all are known.
 5. **Float rows** (``GPTQ.float_rows`` / ``AWQ.float_rows``, OWQ by Lee et al. 2024): per
    activation, the input features with the largest ``ΣX²`` (the Hessian diagonal; at most
    ``K // 16``) keep their weight rows in float: the integer weight holds zeros there and
@@ -87,6 +97,7 @@ from onnxq.config import AWQ, GPTQ, QuantConfig, QuantSpec
 from onnxq.errors import CalibrationDataError
 from onnxq.lowbit import WEIGHT_TYPES, WeightType, dequantize_blocks, quantize_blocks
 from onnxq.passes._util import Namer, add_float_channels, release
+from onnxq.segments import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -283,15 +294,23 @@ def collect_statistics(
     max_rows: int = 0,
     keep: int = 0,
     progress: bool = False,
+    capture: Iterable[str] = (),
+    store: ActivationStore | None = None,
+    capture_samples: int = 0,
 ) -> tuple[dict[str, ActivationStats], int, list, list]:
     """One streaming pass of ``samples`` through the fp32 ``model``: :class:`ActivationStats` per
-    activation, the number of samples, and the first ``keep`` inputs with their fp32 outputs."""
+    activation, the number of samples, and the first ``keep`` inputs with their fp32 outputs. The
+    values named in ``capture`` (activations, graph inputs or any other) of the first
+    ``capture_samples`` samples are put whole into ``store``."""
     from onnxq.calibrate import _Augment, make_session, release_freed_memory, session_options
 
     names = list(dict.fromkeys(activations))
     stats = {n: ActivationStats(hessian, max_rows) for n in names}
     model_outputs = [v.name for v in model.graph.outputs]
-    with _Augment(model, [], raw=names):
+    graph_inputs = {v.name for v in model.graph.inputs}
+    capture = [n for n in dict.fromkeys(capture) if store is not None and capture_samples]
+    extra = [n for n in capture if n not in names and n not in graph_inputs]
+    with _Augment(model, [], raw=names + extra):
         try:
             session = make_session(model, session_options(calibration=True))
         except Exception as exc:
@@ -302,8 +321,10 @@ def collect_statistics(
     bar = tqdm(samples, desc="weight statistics", unit="sample", disable=not progress, leave=False)
     for sample in bar:
         fetch = names + ([n for n in model_outputs if n not in names] if len(kept_in) < keep else [])
+        if seen < capture_samples:
+            fetch += [n for n in extra if n not in fetch]
         try:
-            outputs = dict(zip(fetch, session.run(fetch, sample), strict=True))
+            outputs = dict(zip(fetch, session.run(fetch, sample), strict=True)) if fetch else {}
         except Exception as exc:
             raise CalibrationDataError(
                 f"calibration sample {seen} failed in ONNX Runtime: {str(exc).splitlines()[0]}"
@@ -311,6 +332,12 @@ def collect_statistics(
         if len(kept_in) < keep:
             kept_in.append(sample)
             kept_out.append({n: outputs[n] for n in model_outputs})
+        if seen < capture_samples:
+            for name in capture:
+                store.put(seen, name, sample[name] if name in graph_inputs else outputs[name])  # type: ignore[union-attr]
+            for name in extra:
+                if name not in names:
+                    outputs.pop(name)
         keys: dict[int, np.ndarray] = {}  # reservoir keys per row count: same rows in every tensor
         for name in names:
             x = outputs.pop(name)
@@ -403,9 +430,12 @@ class HessianFactor:
     float_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
-def choose_float_rows(energy: np.ndarray | None, count: int) -> np.ndarray:
+def choose_float_rows(energy: np.ndarray | None, count: int | float) -> np.ndarray:
     """The rows kept float for an activation with per-channel ``energy`` (``ΣX²``): the ``count``
-    largest (at most ``K // 16``, none without energy), in ascending order."""
+    largest (a float: that fraction of ``K``, rounded; at most ``K // 16``, none without energy),
+    in ascending order."""
+    if energy is not None and isinstance(count, float):
+        count = round(count * len(energy))
     if energy is None or count <= 0:
         return np.empty(0, np.int64)
     top = np.argsort(-np.asarray(energy), kind="stable")[: min(count, len(energy) // 16)]
@@ -594,28 +624,30 @@ def _weight_block(spec: QuantSpec, length: int) -> int | None:
     return None
 
 
-def sequential_gptq(
+def layer_by_layer(
     model: ir.Model,
     targets: dict[str, Target],
     samples: Iterable[dict[str, np.ndarray]],
-    spec: QuantSpec,
-    config: GPTQ,
+    new_stats: Callable[[], ActivationStats],
+    quantize_segment: Callable[[list[str], dict[str, ActivationStats]], dict[str, np.ndarray]],
     *,
+    desc: str,
     progress: bool = False,
-) -> tuple[SequentialGPTQ, int]:
-    """GPTQ of every target, segment by segment (:mod:`onnxq.segments`, about one decoder layer a
-    segment): the samples run through segment ``k`` once with its fp32 weights, to fold the Hessians
-    of the activations it produces, and once with its weights GPTQ-quantized (and dequantized), to
-    produce what the next segment reads. Each layer thus corrects for the error of the layers before
-    it. Memory: one segment's weights twice, its targets' Hessians, and the cut activations of all
-    samples (spilled to disk past :data:`onnxq.segments.STORE_BYTES`). Returns the hook and the
-    number of samples."""
+) -> int:
+    """Drive an algorithm segment by segment (:mod:`onnxq.segments`, about one decoder layer a
+    segment): the samples run through segment ``k`` once with its fp32 weights, to fold the
+    statistics (``new_stats()`` per activation; rows keyed as in :func:`collect_statistics`) of
+    the activations it produces, then ``quantize_segment(names, stats)`` handles the targets read
+    in segment ``k`` and returns their dequantized weights (stored orientation), and the samples
+    run through the segment once more with those, to produce what the next segment reads. Each
+    layer thus sees the error of the layers before it. Statistics are dropped once every target
+    reading them is done. Memory: one segment's weights twice, its statistics, and the cut
+    activations of all samples (spilled to disk past :data:`onnxq.segments.STORE_BYTES`). Returns
+    the number of samples."""
     from onnx import numpy_helper
 
     from onnxq.calibrate import _Augment, proto_for_ort, release_freed_memory, segment_opener
-    from onnxq.passes._util import release
     from onnxq.segments import (
-        ActivationStore,
         SampleFailed,
         _run,
         node_reads,
@@ -626,8 +658,6 @@ def sequential_gptq(
         value_types,
     )
 
-    wtype = WEIGHT_TYPES[spec.dtype]
-    symmetric = wtype.signed or wtype.is_float
     acts = list(dict.fromkeys(a for t in targets.values() for a in t.activations))
     with _Augment(model, [], raw=acts):
         proto, folder = proto_for_ort(model)
@@ -643,66 +673,20 @@ def sequential_gptq(
             for n in node_reads(proto.graph.node[i]):
                 if n in targets:
                     weight_segment.setdefault(n, k)
-    remaining: dict[tuple[str, ...], int] = {}
-    for t in targets.values():
-        remaining[tuple(t.activations)] = remaining.get(tuple(t.activations), 0) + 1
     stats: dict[str, ActivationStats] = {}
-    results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]] = {}
-    branchable = {key for key in remaining if float_row_readers(targets, key) is not None}
-    float_rows: dict[tuple[str, ...], np.ndarray] = {}
-    rows: dict[str, np.ndarray] = {}
-
     open_session = segment_opener(folder)
 
-    def fold(name: str, x: np.ndarray) -> None:
+    def fold(name: str, x: np.ndarray, i: int) -> None:
         if x.size and np.issubdtype(x.dtype, np.floating):
-            stats.setdefault(name, ActivationStats(True, 0)).update(x.reshape(-1, x.shape[-1]))
-
-    def quantize_segment(k: int) -> dict[str, np.ndarray]:
-        """GPTQ of the targets read in segment ``k``; returns their dequantized weights."""
-        factors: dict[tuple[str, ...], HessianFactor] = {}
-        dequantized = {}
-        for name, t in targets.items():
-            if weight_segment.get(name) != k:
-                continue
-            key = tuple(t.activations)
-            w = t.value.const_value.numpy()
-            wk = np.asarray(w.T if t.transposed else w, np.float32)
-            del w
-            release(t.value)
-            hs = [stats[a] for a in key if a in stats and stats[a].hessian is not None]
-            if not hs or hs[0].hessian.shape != (wk.shape[0], wk.shape[0]):  # type: ignore[union-attr]
-                continue  # never reached by the samples, or not a [K, N] read: RTN in the pass
-            if key not in factors:
-                h = sum(s.hessian for s in hs) / max(sum(s.rows for s in hs), 1)  # type: ignore[misc]
-                keep = choose_float_rows(np.diag(h), config.float_rows if key in branchable else 0)
-                if keep.size:
-                    float_rows[key] = keep
-                factors[key] = factor_hessian(h, config, keep)
-            block = _weight_block(spec, wk.shape[0])
-            q, scale, zp = gptq_quantize(wk, factors[key], wtype, block, symmetric, config)
-            results[name] = (q, scale, zp, block)
-            deq = dequantize_blocks(q, scale, zp, 0, block).astype(wk.dtype)
-            if key in float_rows:
-                rows[name] = wk[float_rows[key]].copy()
-                deq[float_rows[key]] = rows[name]
-            dequantized[name] = deq.T if t.transposed else deq
-            remaining[key] -= 1
-            if remaining[key] == 0:
-                for a in key:
-                    if all(
-                        a not in o.activations or remaining[tuple(o.activations)] == 0
-                        for o in targets.values()
-                    ):
-                        stats.pop(a, None)
-        return dequantized
+            stat = stats.setdefault(name, new_stats())
+            x2 = x.reshape(-1, x.shape[-1])
+            keys = np.random.default_rng([_SEED, i, len(x2)]).random(len(x2)) if stat.max_rows else None
+            stat.update(x2, keys)
 
     store = ActivationStore()
     later = [{n for s in segments[k + 1 :] for n in s.inputs} for k in range(len(segments))]
     count = 0
-    bar = tqdm(
-        total=len(segments), desc="GPTQ layer by layer", unit="segment", disable=not progress, leave=False
-    )
+    bar = tqdm(total=len(segments), desc=desc, unit="segment", disable=not progress, leave=False)
     try:
         for k, seg in enumerate(segments):
             part = segment_model(proto, seg, segment_types(types, store, seg, count))
@@ -713,7 +697,7 @@ def sequential_gptq(
                 feeds = enumerate(samples)
             else:
                 feeds = ((i, {n: store.get(i, n) for n in seg.inputs}) for i in range(count))
-            # pass 1: fp32 weights of this segment, Hessians of the activations it produces
+            # pass 1: fp32 weights of this segment, statistics of the activations it produces
             cached: list[tuple[int, dict[str, np.ndarray]]] = []
             for i, feed in feeds:
                 if k == 0:
@@ -722,15 +706,21 @@ def sequential_gptq(
                         store.put(i, name, feed[name])
                     for a in acts:
                         if a in graph_inputs and a in feed:
-                            fold(a, feed[a])
+                            fold(a, feed[a], i)
                     feed = {n: feed[n] for n in seg.inputs if n in feed}
                     cached.append((i, feed))
                 if fp32 is not None:
                     for name, x in zip(stat_fetch, _run(fp32, stat_fetch, feed, i), strict=True):
-                        fold(name, x)
+                        fold(name, x, i)
             del fp32
             # pass 2: this segment's weights quantized, outputs for the segments after it
-            dequantized = quantize_segment(k)
+            dequantized = quantize_segment([n for n in targets if weight_segment.get(n) == k], stats)
+            for a in [
+                a
+                for a in stats
+                if all(weight_segment.get(n, -1) <= k for n in targets if a in targets[n].activations)
+            ]:
+                del stats[a]
             hand_on = [n for n in seg.outputs if n in later[k]]
             if hand_on:
                 for init in part.graph.initializer:
@@ -759,7 +749,87 @@ def sequential_gptq(
         store.close()
     if count == 0:
         raise CalibrationDataError("the calibration data holds no samples")
+    return count
+
+
+def _stored(t: Target, wk: np.ndarray) -> np.ndarray:
+    """A ``[K, N]`` array in ``t``'s stored orientation."""
+    return wk.T if t.transposed else wk
+
+
+def _read(t: Target) -> np.ndarray:
+    """``t``'s weight as float32 ``[K, N]`` (its file-backed data released)."""
+    w = t.value.const_value.numpy()  # type: ignore[union-attr]
+    wk = np.array(w.T if t.transposed else w, np.float32)
+    del w
+    release(t.value)
+    return wk
+
+
+def sequential_gptq(
+    model: ir.Model,
+    targets: dict[str, Target],
+    samples: Iterable[dict[str, np.ndarray]],
+    spec: QuantSpec,
+    config: GPTQ,
+    *,
+    progress: bool = False,
+) -> tuple[SequentialGPTQ, int]:
+    """GPTQ of every target layer by layer (:func:`layer_by_layer`): each segment's Hessians come
+    from the outputs of the GPTQ-quantized segments before it. Returns the hook and the number of
+    samples."""
+    wtype = WEIGHT_TYPES[spec.dtype]
+    symmetric = wtype.signed or wtype.is_float
+    results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]] = {}
+    branchable = {
+        key for key in {tuple(t.activations) for t in targets.values()} if float_row_readers(targets, key)
+    }
+    float_rows: dict[tuple[str, ...], np.ndarray] = {}
+    rows: dict[str, np.ndarray] = {}
+
+    def quantize_segment(names: list[str], stats: dict[str, ActivationStats]) -> dict[str, np.ndarray]:
+        """GPTQ of the targets read in one segment; returns their dequantized weights."""
+        factors: dict[tuple[str, ...], HessianFactor] = {}
+        dequantized = {}
+        for name in names:
+            t = targets[name]
+            key = tuple(t.activations)
+            hs = [stats[a] for a in key if a in stats and stats[a].hessian is not None]
+            if not hs or hs[0].hessian.shape[0] != _k(t):  # type: ignore[union-attr]
+                continue  # never reached by the samples, or not a [K, N] read: RTN in the pass
+            wk = _read(t)
+            if key not in factors:
+                h = sum(s.hessian for s in hs) / max(sum(s.rows for s in hs), 1)  # type: ignore[misc]
+                keep = choose_float_rows(np.diag(h), config.float_rows if key in branchable else 0)
+                if keep.size:
+                    float_rows[key] = keep
+                factors[key] = factor_hessian(h, config, keep)
+            block = _weight_block(spec, wk.shape[0])
+            q, scale, zp = gptq_quantize(wk, factors[key], wtype, block, symmetric, config)
+            results[name] = (q, scale, zp, block)
+            deq = dequantize_blocks(q, scale, zp, 0, block).astype(wk.dtype)
+            if key in float_rows:
+                rows[name] = wk[float_rows[key]].copy()
+                deq[float_rows[key]] = rows[name]
+            dequantized[name] = _stored(t, deq)
+        return dequantized
+
+    count = layer_by_layer(
+        model,
+        targets,
+        samples,
+        lambda: ActivationStats(True, 0),
+        quantize_segment,
+        desc="GPTQ layer by layer",
+        progress=progress,
+    )
     return SequentialGPTQ(results, float_rows, rows), count
+
+
+def _k(t: Target) -> int:
+    """``K`` (the rows of the ``[K, N]`` view) of ``t``'s weight."""
+    shape = t.value.shape
+    return int(shape[1] if t.transposed else shape[0])  # type: ignore[index]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -782,13 +852,16 @@ def awq_search_scale(
     symmetric: bool,
     grid: int,
     duo: bool = False,
+    loss: Callable[[list[np.ndarray]], float] | None = None,
 ) -> tuple[np.ndarray, float]:
     """The AWQ scale ``s [K]`` (and its α) minimising the group's output error on rows ``x``:
     ``mean|X|^α``, or with ``duo`` ``mean|X|^α / mean|Ŵ|^(1-α)`` (``Ŵ``: the weights relative to
-    their block's extremum per output channel; AutoAWQ's ``duo_scaling``)."""
+    their block's extremum per output channel; AutoAWQ's ``duo_scaling``). With ``loss``, the error
+    is ``loss([Q(s·W)/s for W in weights])`` instead (a block's output error, :class:`BlockLoss`)."""
     wcat = np.concatenate([np.asarray(w, np.float32) for w in weights], axis=1)
+    splits = np.cumsum([w.shape[1] for w in weights])[:-1]
     x = np.asarray(x, np.float32)
-    ref = x @ wcat
+    ref = x @ wcat if loss is None else None
     best = (np.inf, np.ones(len(mean_abs), np.float32), 0.0)
     base = np.maximum(np.asarray(mean_abs, np.float64), 1e-8)
     w_mean = _relative_weight_mean(wcat, block) if duo else None
@@ -802,10 +875,184 @@ def awq_search_scale(
         s[empty] = 1.0
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         wq = _rtn(wcat * s[:, None], wtype, block, symmetric) / s[:, None]
-        loss = float(np.mean((x @ wq - ref) ** 2))
-        if loss < best[0]:
-            best = (loss, s, alpha)
+        err = float(np.mean((x @ wq - ref) ** 2)) if loss is None else loss(np.split(wq, splits, axis=1))
+        if err < best[0]:
+            best = (err, s, alpha)
     return best[1], best[2]
+
+
+# Ops that end a block: the scale search's block never reaches past a normalization.
+_NORMS = {
+    "ReduceMean",
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RMSNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+}
+_REGION_NODES = 256
+
+
+@dataclass
+class BlockRegion:
+    """The nodes from a group's MatMuls to the next target MatMuls (included), in graph order; the
+    nodes computing the constants they read from outside (``constant_nodes``: Constant, Transpose
+    of a weight, ...; initializers are read directly), the run-time values they read from outside
+    (``inputs``: captured per sample) and the values the loss compares (``outputs``: the next
+    MatMuls' outputs)."""
+
+    nodes: list[ir.Node]
+    constant_nodes: list[ir.Node]
+    inputs: list[str]
+    outputs: list[str]
+
+
+def find_block_regions(
+    model: ir.Model, targets: dict[str, Target], groups: dict[str, list[str]]
+) -> dict[str, BlockRegion]:
+    """Per activation of ``groups``: the block its MatMuls feed, walking forward from their outputs
+    and stopping at the readers of other targets (q/k/v → attention → o_proj; gate/up → act · up →
+    down_proj). None where the walk meets a normalization, a subgraph, more than 256 nodes, or
+    no other target (o_proj, down_proj, lm_head: their own outputs are the block)."""
+    graph = model.graph
+    order = {id(n): i for i, n in enumerate(graph)}
+    stop = {id(r) for t in targets.values() for r in t.readers}
+    found: dict[str, BlockRegion] = {}
+    for act, names in groups.items():
+        own = {id(r): r for n in names for r in targets[n].readers}
+        region = dict(own)
+        todo = [o for r in own.values() for o in r.outputs]
+        outputs: list[str] = []
+        ok = True
+        while todo and ok:
+            v = todo.pop()
+            for node, _ in v.uses():
+                if id(node) in region:
+                    continue
+                if node.graph is not graph or node.op_type in _NORMS or len(region) >= _REGION_NODES:
+                    ok = False
+                    break
+                region[id(node)] = node
+                if id(node) in stop:
+                    outputs.extend(o.name for o in node.outputs if o.name)
+                else:
+                    todo.extend(node.outputs)
+        if not ok or not outputs:
+            continue
+        inside = {id(o) for n in region.values() for o in n.outputs}
+        group_weights = {id(targets[n].value) for n in names}
+        consts: dict[int, ir.Node] = {}
+        inputs: dict[str, None] = {}
+
+        for node in region.values():
+            for v in node.inputs:
+                if v is None or id(v) in inside or id(v) in group_weights:
+                    continue
+                if not _constant(v, graph, consts):
+                    if not v.name:
+                        ok = False
+                    inputs[v.name] = None  # type: ignore[index]
+        if ok:
+            key = lambda n: order[id(n)]  # noqa: E731
+            found[act] = BlockRegion(
+                sorted(region.values(), key=key), sorted(consts.values(), key=key), list(inputs), outputs
+            )
+    return found
+
+
+def _constant(v: ir.Value, graph: ir.Graph, consts: dict[int, ir.Node]) -> bool:
+    """Whether ``v`` is computed from constants alone (adding its producers to ``consts``)."""
+    p = v.producer()
+    if p is None:
+        return v.const_value is not None and not v.is_graph_input()
+    if p.graph is not graph:
+        return False
+    if id(p) not in consts:
+        if p.op_type != "Constant" and not (
+            p.inputs and all(i is None or _constant(i, graph, consts) for i in p.inputs)
+        ):
+            return False
+        consts[id(p)] = p
+    return True
+
+
+class BlockLoss:
+    """The squared error of a :class:`BlockRegion`'s outputs when the group's weights are replaced,
+    summed over the captured samples and divided by the outputs' total size. One ONNX Runtime
+    session per region; the group's weights are its inputs (in their stored orientation and type),
+    every other weight a copy of the model's."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        region: BlockRegion,
+        targets: dict[str, Target],
+        names: list[str],
+        store: ActivationStore,
+        samples: int,
+    ) -> None:
+        import onnxruntime as ort
+        from onnx import helper, numpy_helper
+
+        from onnxq.calibrate import session_options
+
+        self.names = names
+        self.targets = targets
+        self.store = store
+        self.inputs = region.inputs
+        self.samples = [i for i in range(samples) if all(store.has(i, n) for n in region.inputs)]
+        weights = {targets[n].value.name for n in names}
+        nodes = [ir.serde.serialize_node(n) for n in region.constant_nodes + region.nodes]
+        read = {v.name: v for n in region.constant_nodes + region.nodes for v in n.inputs if v is not None}
+        inits = [
+            numpy_helper.from_array(v.const_value.numpy(), name)  # type: ignore[union-attr]
+            for name, v in read.items()
+            if v.producer() is None and v.const_value is not None and name not in weights
+        ]
+
+        def info(name: str, dtype: ir.DataType | None, rank: int | None = None):
+            elem = (dtype or ir.DataType.FLOAT).value
+            return helper.make_tensor_value_info(name, elem, None if rank is None else [None] * rank)
+
+        first = self.samples[0] if self.samples else None
+        graph_inputs = [
+            info(n, ir.DataType.from_numpy(store.get(first, n).dtype) if first is not None else read[n].dtype)
+            for n in region.inputs
+        ]
+        graph_inputs += [info(targets[n].value.name, targets[n].value.dtype, 2) for n in names]  # type: ignore[arg-type]
+        outs = {o.name: o for n in region.nodes for o in n.outputs}
+        graph_outputs = [info(n, outs[n].dtype) for n in region.outputs]
+        g = helper.make_graph(nodes, "awq_block", graph_inputs, graph_outputs, inits)
+        opsets = [helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+        proto = helper.make_model(g, opset_imports=opsets, ir_version=model.ir_version)
+        self.session = ort.InferenceSession(
+            proto.SerializeToString(), session_options(calibration=True), providers=["CPUExecutionProvider"]
+        )
+        self.dtypes = {n: (targets[n].value.dtype or ir.DataType.FLOAT).numpy() for n in names}
+        self.reference = [self._run(i, {}) for i in self.samples]
+
+    def _run(self, i: int, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feed = {n: self.store.get(i, n) for n in self.inputs}
+        for n in self.names:
+            t = self.targets[n]
+            w = weights.get(n)
+            if w is None:
+                feed[t.value.name] = t.value.const_value.numpy()  # type: ignore[union-attr]
+            else:
+                feed[t.value.name] = np.ascontiguousarray((w.T if t.transposed else w).astype(self.dtypes[n]))
+        return [np.asarray(o, np.float32) for o in self.session.run(None, feed)]
+
+    def __call__(self, weights: list[np.ndarray]) -> float:
+        """The error with ``weights`` (``[K, N]`` each, in ``names`` order)."""
+        given = dict(zip(self.names, weights, strict=True))
+        err = size = 0.0
+        for i, ref in zip(self.samples, self.reference, strict=True):
+            for out, r in zip(self._run(i, given), ref, strict=True):
+                err += float(np.sum(np.square(out - r, dtype=np.float64)))
+                size += r.size
+        return err / max(size, 1.0)
 
 
 def _relative_weight_mean(w: np.ndarray, block: int | None) -> np.ndarray:
@@ -863,6 +1110,7 @@ class AWQReport:
     scales: dict[str, np.ndarray] = field(default_factory=dict)  # activation → s (applied)
     clipped: int = 0
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # target → float rows (scaled, [r, N])
+    block_loss: int = 0  # groups whose scale was searched on their block's output
 
 
 def apply_awq(
@@ -872,11 +1120,15 @@ def apply_awq(
     spec: QuantSpec,
     config: AWQ,
     float_rows: dict[tuple[str, ...], np.ndarray] | None = None,
+    blocks: tuple[dict[str, BlockRegion], ActivationStore, int] | None = None,
 ) -> AWQReport:
     """AWQ's scale search, folding and clip search on ``model`` in place (module docstring). The
     ``float_rows`` of an activation are left out of both searches, and taken out of the weights
-    (into ``AWQReport.rows``, zero in the weights) after every scale is applied."""
+    (into ``AWQReport.rows``, zero in the weights) after every scale is applied. ``blocks``: the
+    regions of :func:`find_block_regions`, the store holding their inputs and the number of samples
+    there; a group with a region has its scale searched on the region's outputs."""
     float_rows = float_rows or {}
+    regions, store, captured = blocks if blocks is not None else ({}, ActivationStore(), 0)
     graph = model.graph
     wtype = WEIGHT_TYPES[spec.dtype]
     block = getattr(spec.granularity, "size", None)
@@ -891,12 +1143,7 @@ def apply_awq(
             arrays[name] = np.ascontiguousarray(w.T) if t.transposed else w
         return arrays[name]
 
-    # groups: activation → targets reading only it
-    groups: dict[str, list[str]] = {}
-    for name, t in targets.items():
-        if len(t.activations) == 1 and t.activations[0] in stats:
-            groups.setdefault(t.activations[0], []).append(name)
-    values = {v.name: v for v in _all_values(graph)}
+    groups = {act: names for act, names in awq_groups(targets).items() if act in stats}
     scales: dict[str, np.ndarray] = {}
     for act, names in groups.items():
         st = stats[act]
@@ -906,6 +1153,8 @@ def apply_awq(
         if any(weight(n).shape[0] != k for n in names) or st.sample_rows.shape[1] != k:
             continue
         keep = float_rows.get((act,), np.empty(0, np.int64))
+        loss = _block_loss(model, regions.get(act), targets, names, store, captured, keep, weight)
+        report.block_loss += loss is not None
         s, alpha = awq_search_scale(
             st.mean_abs(),
             st.sample_rows,
@@ -915,26 +1164,19 @@ def apply_awq(
             symmetric,
             config.grid,
             config.duo,
+            loss,
         )
+        del loss
         if alpha == 0.0 and not config.duo:
             report.scaled[act] = (0.0, "not scaled (α = 0 is best)")
             continue
         scales[act] = s
         report.scaled[act] = (alpha, "")
-    namer = Namer(graph)
     for act, s in scales.items():
         for n in groups[act]:
             arrays[n] = weight(n) * s[:, None]
-        report.scaled[act] = (
-            report.scaled[act][0],
-            _fold(graph, namer, values[act], s, groups[act], targets, weight, arrays),
-        )
-    for act, names in groups.items():  # after every fold: a fold may scale another group's rows
-        keep = float_rows.get((act,))
-        if keep is not None and keep.size:
-            for n in names:
-                report.rows[n] = weight(n)[keep].copy()
-                arrays[n][keep] = 0.0
+    _fold_scales(graph, targets, groups, scales, weight, arrays, report)
+    _take_rows(groups, float_rows, weight, arrays, report)
     if config.clip:
         for act, names in groups.items():
             st = stats[act]
@@ -951,6 +1193,174 @@ def apply_awq(
     for name, w in arrays.items():
         _write_back(targets[name].value, np.ascontiguousarray(w.T) if targets[name].transposed else w)
     return report
+
+
+def _fold_scales(graph, targets, groups, scales, weight, arrays, report: AWQReport) -> None:
+    """Fold ``1/s`` of every scaled activation (its weights already hold ``s``)."""
+    namer = Namer(graph)
+    values = {v.name: v for v in _all_values(graph)}
+    for act, s in scales.items():
+        report.scaled[act] = (
+            report.scaled[act][0],
+            _fold(graph, namer, values[act], s, groups[act], targets, weight, arrays),
+        )
+
+
+def _take_rows(groups, float_rows, weight, arrays, report: AWQReport) -> None:
+    """Move the float rows out of the weights into ``report.rows`` (after every fold: a fold may
+    scale another group's rows)."""
+    for act, names in groups.items():
+        keep = float_rows.get((act,))
+        if keep is not None and keep.size:
+            for n in names:
+                report.rows[n] = weight(n)[keep].copy()
+                arrays[n][keep] = 0.0
+
+
+def sequential_awq(
+    model: ir.Model,
+    targets: dict[str, Target],
+    samples: Iterable[dict[str, np.ndarray]],
+    spec: QuantSpec,
+    config: AWQ,
+    *,
+    progress: bool = False,
+) -> tuple[AWQReport, dict[tuple[str, ...], np.ndarray], int, Callable[[], None]]:
+    """AWQ layer by layer (:func:`layer_by_layer`): each group's scale, clip and float rows are
+    searched on the activations the already quantized layers before it produce (the reference is
+    the fp32 weights on those inputs). Returns the report, the float rows per activation, the
+    number of samples and ``apply()``, which changes the model: it folds every scale and takes the
+    float rows out, as :func:`apply_awq` does."""
+    wtype = WEIGHT_TYPES[spec.dtype]
+    block = getattr(spec.granularity, "size", None)
+    symmetric = wtype.signed
+    groups = awq_groups(targets)
+    report = AWQReport()
+    arrays: dict[str, np.ndarray] = {}  # scaled and clipped weights (float rows still in), [K, N]
+    scales: dict[str, np.ndarray] = {}
+    float_rows: dict[tuple[str, ...], np.ndarray] = {}
+    pending: dict[str, np.ndarray] = {}  # dequantized weights not handed on yet
+    done: set[str] = set()
+
+    def quantize_segment(names: list[str], stats: dict[str, ActivationStats]) -> dict[str, np.ndarray]:
+        for act, group in groups.items():
+            st = stats.get(act)
+            if act in done or not any(n in names for n in group) or st is None or st.sample_rows is None:
+                continue
+            done.add(act)
+            if any(_k(targets[n]) != st.sample_rows.shape[1] for n in group):
+                continue
+            ws = {n: _read(targets[n]) for n in group}
+            keep = choose_float_rows(
+                st.energy(), config.float_rows if float_row_readers(targets, (act,)) else 0
+            )
+            s, alpha = awq_search_scale(
+                st.mean_abs(),
+                st.sample_rows,
+                [_zero_rows(ws[n], keep) for n in group],
+                wtype,
+                block,
+                symmetric,
+                config.grid,
+                config.duo,
+            )
+            if alpha == 0.0 and not config.duo:
+                report.scaled[act] = (0.0, "not scaled (α = 0 is best)")
+                s = np.ones(len(s), np.float32)
+            else:
+                scales[act] = s
+                report.scaled[act] = (alpha, "")
+            x = st.sample_rows / s[None, :]
+            if keep.size:
+                float_rows[(act,)] = keep
+            for n in group:
+                t = targets[n]
+                w = ws.pop(n) * s[:, None]
+                c = _zero_rows(w, keep) if keep.size else w.copy()
+                if config.clip:
+                    c = awq_clip(c, x, wtype, block, symmetric, config.clip_grid, config.max_shrink)
+                    report.clipped += 1
+                deq = _rtn(c, wtype, _weight_block(spec, len(c)), symmetric)
+                if keep.size:
+                    c[keep] = w[keep]
+                    deq[keep] = w[keep]
+                arrays[n] = c
+                deq /= s[:, None]
+                pending[n] = np.ascontiguousarray(_stored(t, deq)).astype(
+                    (t.value.dtype or ir.DataType.FLOAT).numpy()
+                )
+        return {n: pending.pop(n) for n in names if n in pending}
+
+    count = layer_by_layer(
+        model,
+        targets,
+        samples,
+        lambda: ActivationStats(False, config.max_rows),
+        quantize_segment,
+        desc="AWQ layer by layer",
+        progress=progress,
+    )
+    report.scales = scales
+
+    def apply() -> None:
+        """Fold every scale, take the float rows out, write the weights back."""
+
+        def weight(name: str) -> np.ndarray:
+            if name not in arrays:
+                arrays[name] = _read(targets[name])
+            return arrays[name]
+
+        _fold_scales(model.graph, targets, groups, scales, weight, arrays, report)
+        _take_rows(groups, float_rows, weight, arrays, report)
+        for name, w in arrays.items():
+            _write_back(targets[name].value, np.ascontiguousarray(_stored(targets[name], w)))
+
+    return report, float_rows, count, apply
+
+
+def awq_groups(targets: dict[str, Target]) -> dict[str, list[str]]:
+    """Activation → the targets reading it and nothing else (one scale search each)."""
+    groups: dict[str, list[str]] = {}
+    for name, t in targets.items():
+        if len(t.activations) == 1:
+            groups.setdefault(t.activations[0], []).append(name)
+    return groups
+
+
+def _block_loss(
+    model: ir.Model,
+    region: BlockRegion | None,
+    targets: dict[str, Target],
+    names: list[str],
+    store: ActivationStore,
+    captured: int,
+    keep: np.ndarray,
+    weight: Callable[[str], np.ndarray],
+) -> Callable[[list[np.ndarray]], float] | None:
+    """The block-output loss for one group (its float rows put back into every candidate), or None
+    where the group has no region or ONNX Runtime cannot run it (the layer loss is used then)."""
+    if region is None or not captured:
+        return None
+    try:
+        block = BlockLoss(model, region, targets, names, store, captured)
+    except Exception as exc:  # an op ORT cannot run alone: fall back to the group's own outputs
+        log.debug("AWQ: no block loss for %s: %s", names, str(exc).splitlines()[0] if str(exc) else exc)
+        return None
+    if not block.samples:
+        return None
+    if not keep.size:
+        return block
+    originals = [weight(n)[keep] for n in names]
+
+    def loss(ws: list[np.ndarray]) -> float:
+        restored = []
+        for w, rows in zip(ws, originals, strict=True):
+            w = w.copy()
+            w[keep] = rows
+            restored.append(w)
+        return block(restored)
+
+    return loss
 
 
 def _zero_rows(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -1129,6 +1539,60 @@ def prepare_algorithm(
         references = _fp32_references(model, kept)  # before the float rows join the fp32 weights
         notes += add_float_rows(model, targets, hook.float_rows, hook.rows)
         return Prepared(hook, references, n, notes)  # type: ignore[arg-type]
+    if not is_gptq and algo.sequential:  # type: ignore[union-attr]
+        return _sequential_awq(model, config, samples, targets, t0, keep, progress)
+    regions: dict[str, BlockRegion] = {}
+    if awq is not None and awq.loss == "block":
+        regions = find_block_regions(model, targets, awq_groups(targets))
+    store = ActivationStore()
+    try:
+        return _prepare(model, config, samples, targets, acts, regions, store, t0, keep, progress)
+    finally:
+        store.close()
+
+
+def _sequential_awq(model, config, samples, targets, t0, keep, progress) -> Prepared:
+    """:func:`prepare_algorithm` for ``AWQ(sequential=True)``."""
+    import time
+
+    kept: list = []
+
+    def first(samples: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        for sample in samples:
+            if len(kept) < keep:
+                kept.append(sample)
+            yield sample
+
+    report, float_rows, n, apply = sequential_awq(
+        model, targets, first(samples), config.weights, config.algorithm, progress=progress
+    )
+    references = _fp32_references(model, kept)  # before the model changes
+    apply()
+    notes = [
+        f"AWQ layer by layer: {len(report.scaled)} activations for {len(targets)} weights from {n} "
+        f"calibration samples in {time.perf_counter() - t0:.1f} s",
+        _awq_note(report),
+    ]
+    return Prepared(None, references, n, notes + add_float_rows(model, targets, float_rows, report.rows))
+
+
+def _awq_note(report: AWQReport) -> str:
+    inserted = sum(1 for _, where in report.scaled.values() if where.startswith("Mul"))
+    scaled = sum(1 for a, _ in report.scaled.values() if a > 0)
+    block = f", {report.block_loss} searched on their block's output" if report.block_loss else ""
+    return (
+        f"AWQ: {scaled} of {len(report.scaled)} activations scaled ({inserted} Mul inserted{block}), "
+        f"{report.clipped} weights clip-searched"
+    )
+
+
+def _prepare(model, config, samples, targets, acts, regions, store, t0, keep, progress) -> Prepared:
+    """:func:`prepare_algorithm` from the statistics pass on (``store``: the block regions' inputs)."""
+    import time
+
+    algo = config.algorithm
+    is_gptq = isinstance(algo, GPTQ)
+    awq = algo.awq if isinstance(algo, GPTQ) else algo
     stats, n, kept_in, kept_out = collect_statistics(
         model,
         acts,
@@ -1137,6 +1601,9 @@ def prepare_algorithm(
         max_rows=0 if awq is None else awq.max_rows,
         keep=keep,
         progress=progress,
+        capture=[name for r in regions.values() for name in r.inputs],
+        store=store,
+        capture_samples=awq.loss_samples if regions and awq is not None else 0,
     )
     t_stats = time.perf_counter() - t0
     notes = [
@@ -1157,16 +1624,13 @@ def prepare_algorithm(
                 float_rows[key] = keep
     if awq is not None:
         t1 = time.perf_counter()
-        report = apply_awq(model, targets, stats, config.weights, awq, float_rows)
+        report = apply_awq(
+            model, targets, stats, config.weights, awq, float_rows, (regions, store, min(n, awq.loss_samples))
+        )
         taken = {tuple(targets[n].activations) for n in report.rows}  # a group AWQ skipped keeps its rows
         float_rows = {k: v for k, v in float_rows.items() if k in taken}
         notes += add_float_rows(model, targets, float_rows, report.rows)
-        inserted = sum(1 for _, where in report.scaled.values() if where.startswith("Mul"))
-        scaled = sum(1 for a, _ in report.scaled.values() if a > 0)
-        notes.append(
-            f"AWQ: {scaled} of {len(report.scaled)} activations scaled ({inserted} Mul inserted), "
-            f"{report.clipped} weights clip-searched, {time.perf_counter() - t1:.1f} s"
-        )
+        notes.append(f"{_awq_note(report)}, {time.perf_counter() - t1:.1f} s")
         log.debug("AWQ folds: %s", report.scaled)
         for act, s in report.scales.items():  # GPTQ then sees X / s: H ← diag(1/s) H diag(1/s)
             st = stats[act]

@@ -193,6 +193,8 @@ def _logits_error(fp32, model_bytes: bytes, feeds) -> float:
         GPTQ(sequential=False),
         GPTQ(act_order=False, static_groups=True),
         AWQ(),
+        AWQ(loss="block"),
+        AWQ(sequential=True),
         GPTQ(awq=AWQ(clip=False)),
     ],
 )
@@ -251,6 +253,70 @@ def test_sequential_gptq_corrects_for_the_layers_before(llama) -> None:
     assert order[0] in same and order[-1] not in same  # first layer identical, the last one corrected
 
 
+def test_sequential_awq_searches_on_the_quantized_layers_before(llama) -> None:
+    """Layer by layer, AWQ's first layer sees the fp32 activations (the same integers as one pass),
+    later layers the outputs of the quantized layers before them; the data is still read once."""
+    import onnx_ir as ir
+
+    fp32, feeds = llama
+    seen: list = []
+
+    def weights(algorithm, data) -> tuple[dict[str, np.ndarray], list[str]]:
+        config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
+        model = ir.to_proto(onnxq.quantize(fp32, data, config=config, progress=False).model)
+        q = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_q")}
+        return q, [i for node in model.graph.node for i in node.input if i in q]
+
+    (layered, order), (one_pass, _) = (
+        weights(AWQ(sequential=True), counted(feeds, seen)),
+        weights(AWQ(), feeds),
+    )
+    assert len(seen) == len(feeds)
+    assert layered.keys() == one_pass.keys() and len(layered) == 15
+    same = [n for n in order if np.array_equal(layered[n], one_pass[n])]
+    assert order[0] in same and order[-1] not in same
+
+
+def test_awq_block_regions_reach_the_next_projection(llama) -> None:
+    """q/k/v's block ends at o_proj's output and gate/up's at down_proj's; o_proj, down_proj and
+    lm_head have none. The block loss is zero for the fp32 weights and grows with their error."""
+    import onnx_ir as ir
+
+    from onnxq.segments import ActivationStore
+    from onnxq.weight_algorithms import (
+        BlockLoss,
+        awq_groups,
+        collect_statistics,
+        find_block_regions,
+        find_targets,
+    )
+
+    fp32, feeds = llama
+    model = ir.load(str(fp32))
+    targets = find_targets(model)
+    groups = awq_groups(targets)
+    regions = find_block_regions(model, targets, groups)
+    producers = {o.name: n for n in model.graph for o in n.outputs}
+    ends = sorted(producers[o].name for r in regions.values() for o in r.outputs)
+    assert len(regions) == 4 and ends == sorted(
+        f"/model/layers.{i}/{p}/MatMul" for i in (0, 1) for p in ("self_attn/o_proj", "mlp/down_proj")
+    )
+    store = ActivationStore()
+    try:
+        names = [n for r in regions.values() for n in r.inputs]
+        collect_statistics(model, [], feeds, hessian=False, capture=names, store=store, capture_samples=2)
+        act, region = next((a, r) for a, r in regions.items() if "mlp" in r.outputs[0])
+        loss = BlockLoss(model, region, targets, groups[act], store, 2)
+        assert loss.samples == [0, 1]
+        w = [np.array(targets[n].value.const_value.numpy(), np.float32) for n in groups[act]]
+        w = [a.T if targets[n].transposed else a for a, n in zip(w, groups[act], strict=True)]
+        assert loss(w) < 1e-10
+        noisy = [a + np.random.default_rng(0).normal(0, 0.01, a.shape).astype(np.float32) for a in w]
+        assert loss(noisy) > 1e-6 and loss([a * 1.1 for a in w]) > loss([a * 1.01 for a in w])
+    finally:
+        store.close()
+
+
 def test_generator_data_is_read_once(llama) -> None:
     fp32, feeds = llama
     seen: list = []
@@ -291,11 +357,33 @@ def test_config_round_trip_and_errors() -> None:
         GPTQ(damp=0.05, act_order=False, static_groups=True, clip_grid=0),
         AWQ(grid=10, clip=False),
         GPTQ(awq=AWQ(max_rows=64)),
+        AWQ(loss="block", loss_samples=2),
+        AWQ(sequential=True),
+        GPTQ(float_rows=0.04),
     ):
         config = QuantConfig.weight_only("int4", 128, algorithm=algo, exclude_op_types=("Gather",))
         again = QuantConfig.from_json(config.to_json())
         assert again == config and again.algorithm == algo
     assert QuantConfig.weight_only("int4").algorithm is None  # RTN stays the default
+    with pytest.raises(ConfigError, match="loss='layer'"):
+        AWQ(sequential=True, loss="block")
+    with pytest.raises(ConfigError, match="'block' or 'layer'"):
+        AWQ(loss="module")
+    with pytest.raises(ConfigError, match="one pass"):
+        GPTQ(awq=AWQ(sequential=True))
+    for bad in (-1, 1.5, 0.0, "8"):
+        with pytest.raises(ConfigError, match="a count n >= 0"):
+            AWQ(float_rows=bad)
+
+
+def test_float_rows_as_a_fraction_of_k() -> None:
+    from onnxq.weight_algorithms import choose_float_rows
+
+    energy = np.arange(1536, dtype=np.float64)
+    assert len(choose_float_rows(energy, 0.04)) == 61  # round(0.04 * 1536)
+    assert len(choose_float_rows(energy[:576], 0.04)) == 23
+    assert len(choose_float_rows(energy[:576], 0.5)) == 36  # capped at K // 16
+    np.testing.assert_array_equal(choose_float_rows(energy[:100], 8), np.arange(94, 100))  # K // 16 = 6
     with pytest.raises(ConfigError, match="weight-only"):
         QuantConfig(algorithm=GPTQ())  # static int8 config
     with pytest.raises(ConfigError, match="integer"):
