@@ -914,8 +914,10 @@ def find_block_regions(
 ) -> dict[str, BlockRegion]:
     """Per activation of ``groups``: the block its MatMuls feed, walking forward from their outputs
     and stopping at the readers of other targets (q/k/v → attention → o_proj; gate/up → act · up →
-    down_proj). None where the walk meets a normalization, a subgraph, more than 256 nodes, or
-    no other target (o_proj, down_proj, lm_head: their own outputs are the block)."""
+    down_proj). The walk does not follow ``Shape``/``Size`` (what they compute does not depend on
+    the weights: it is captured like any other input). None where the walk meets a normalization,
+    a subgraph, more than 256 nodes, or no other target (o_proj, down_proj, lm_head: their own
+    outputs are the block)."""
     graph = model.graph
     order = {id(n): i for i, n in enumerate(graph)}
     stop = {id(r) for t in targets.values() for r in t.readers}
@@ -929,8 +931,8 @@ def find_block_regions(
         while todo and ok:
             v = todo.pop()
             for node, _ in v.uses():
-                if id(node) in region:
-                    continue
+                if id(node) in region or node.op_type in ("Shape", "Size"):
+                    continue  # shapes do not depend on the weights: their values are captured
                 if node.graph is not graph or node.op_type in _NORMS or len(region) >= _REGION_NODES:
                     ok = False
                     break

@@ -317,6 +317,22 @@ def test_awq_block_regions_reach_the_next_projection(llama) -> None:
         store.close()
 
 
+def test_awq_block_regions_of_gpt2_skip_shape_arithmetic() -> None:
+    """GPT-2's Gemm blocks reshape their output with a shape computed from their input: the walk
+    does not follow Shape, so it ends at c_proj instead of running into the next LayerNorm."""
+    import onnx_ir as ir
+
+    from onnxq.weight_algorithms import awq_groups, find_block_regions, find_targets
+
+    model = ir.load(str(models.build("tiny-gpt2")))
+    targets = find_targets(model)
+    regions = find_block_regions(model, targets, awq_groups(targets))
+    producers = {o.name: n for n in model.graph for o in n.outputs}
+    ends = sorted(producers[o].name for r in regions.values() for o in r.outputs)
+    assert ends == sorted(f"/transformer/h.{i}/{p}/c_proj/Gemm" for i in (0, 1) for p in ("attn", "mlp"))
+    assert all(producers[n].op_type != "Shape" for r in regions.values() for n in r.inputs if n in producers)
+
+
 def test_generator_data_is_read_once(llama) -> None:
     fp32, feeds = llama
     seen: list = []
