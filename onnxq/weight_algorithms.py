@@ -1123,6 +1123,8 @@ def apply_awq(
     config: AWQ,
     float_rows: dict[tuple[str, ...], np.ndarray] | None = None,
     blocks: tuple[dict[str, BlockRegion], ActivationStore, int] | None = None,
+    *,
+    progress: bool = False,
 ) -> AWQReport:
     """AWQ's scale search, folding and clip search on ``model`` in place (module docstring). The
     ``float_rows`` of an activation are left out of both searches, and taken out of the weights
@@ -1147,7 +1149,9 @@ def apply_awq(
 
     groups = {act: names for act, names in awq_groups(targets).items() if act in stats}
     scales: dict[str, np.ndarray] = {}
-    for act, names in groups.items():
+    for act, names in tqdm(
+        groups.items(), desc="AWQ search", unit="activation", disable=not progress, leave=False
+    ):
         st = stats[act]
         if st.sample_rows is None or st.abs_sum is None:
             continue
@@ -1627,7 +1631,14 @@ def _prepare(model, config, samples, targets, acts, regions, store, t0, keep, pr
     if awq is not None:
         t1 = time.perf_counter()
         report = apply_awq(
-            model, targets, stats, config.weights, awq, float_rows, (regions, store, min(n, awq.loss_samples))
+            model,
+            targets,
+            stats,
+            config.weights,
+            awq,
+            float_rows,
+            (regions, store, min(n, awq.loss_samples)),
+            progress=progress,
         )
         taken = {tuple(targets[n].activations) for n in report.rows}  # a group AWQ skipped keeps its rows
         float_rows = {k: v for k, v in float_rows.items() if k in taken}
