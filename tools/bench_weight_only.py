@@ -13,11 +13,12 @@ For each model (default random-weight ``bert-base``):
 Contenders: onnxq int4 block 32 / block 128 and int8 block 128 (``QuantConfig.weight_only``, the
 blocked-DequantizeLinear form ORT fuses into MatMulNBits), ORT ``MatMulNBitsQuantizer`` (4 bits,
 block 128, symmetric, RTN: its defaults). ``--no-latency`` only quantizes (e.g. SmolLM2 for memory).
-Not in the default set: ``onnxq-int4-b128-awq`` / ``onnxq-int4-b128-awq-integer`` — AWQ with its
-8 float rows / without (``float_rows=0``), tables left float, calibrated on ``--calib-samples``
-seeded inputs of ``--calib-seq-len`` tokens (default ``--seq-len``; seed 0, apart from the
-evaluation seed): what the float
-rows' extra Gather/MatMul/Add cost in latency (GPTQ's graph is the same).
+Not in the default set: ``onnxq-int4-b128-awq`` / ``onnxq-int4-b128-awq-integer`` /
+``onnxq-int4-b128-awq-rows4pct`` — AWQ with its 8 float rows / without (``float_rows=0``) / with
+4 % of each weight's input features float (``float_rows=0.04``), tables left float, calibrated on
+``--calib-samples`` seeded inputs of ``--calib-seq-len`` tokens (default ``--seq-len``; seed 0,
+apart from the evaluation seed): what the float rows' extra Gather/MatMul/Add cost in latency
+(GPTQ's graph is the same).
 
     .venv/bin/python tools/bench_weight_only.py [--models bert-base] [--rounds 3] [--json out.json]
     .venv/bin/python tools/bench_weight_only.py --models smollm2-135m --no-latency \
@@ -53,6 +54,7 @@ CONTENDERS = {
 EXTRA = {
     "onnxq-int4-b128-awq": "onnxq int4 block 128, AWQ (8 float rows)",
     "onnxq-int4-b128-awq-integer": "onnxq int4 block 128, AWQ, integer weights only",
+    "onnxq-int4-b128-awq-rows4pct": "onnxq int4 block 128, AWQ, 4 % of each K float",
 }
 LABELS = {**CONTENDERS, **EXTRA}
 
@@ -88,7 +90,7 @@ def run_worker(args: argparse.Namespace) -> int:
         if "awq" in parts:
             data = np.load(args.calib)
             calib = [{k: v[i] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
-            algorithm = onnxq.AWQ(float_rows=0 if "integer" in parts else 8)
+            algorithm = onnxq.AWQ(float_rows=0 if "integer" in parts else 0.04 if "rows4pct" in parts else 8)
             config = QuantConfig.weight_only(dtype, block, algorithm=algorithm, exclude_op_types=("Gather",))
         result = onnxq.quantize(model, calib, config=config, output=output, progress=False)
         notes = {
