@@ -1530,14 +1530,14 @@ def prepare_algorithm(
     awq = algo.awq if isinstance(algo, GPTQ) else algo
     if is_gptq and awq is None and algo.sequential:  # type: ignore[union-attr]
         kept: list = []
-
-        def first(samples: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-            for sample in samples:
-                if len(kept) < keep:
-                    kept.append(sample)
-                yield sample
-
-        hook, n = sequential_gptq(model, targets, first(samples), config.weights, algo, progress=progress)  # type: ignore[arg-type]
+        hook, n = sequential_gptq(
+            model,
+            targets,
+            _keeping(samples, kept, keep),
+            config.weights,
+            algo,  # type: ignore[arg-type]
+            progress=progress,
+        )
         notes = [
             f"GPTQ layer by layer: {len(hook.results)} of {len(targets)} weights from {n} calibration "
             f"samples in {time.perf_counter() - t0:.1f} s"
@@ -1557,20 +1557,23 @@ def prepare_algorithm(
         store.close()
 
 
+def _keeping(
+    samples: Iterable[dict[str, np.ndarray]], kept: list, keep: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """``samples`` as they are, the first ``keep`` of them also appended to ``kept``."""
+    for sample in samples:
+        if len(kept) < keep:
+            kept.append(sample)
+        yield sample
+
+
 def _sequential_awq(model, config, samples, targets, t0, keep, progress) -> Prepared:
     """:func:`prepare_algorithm` for ``AWQ(sequential=True)``."""
     import time
 
     kept: list = []
-
-    def first(samples: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        for sample in samples:
-            if len(kept) < keep:
-                kept.append(sample)
-            yield sample
-
     report, float_rows, n, apply = sequential_awq(
-        model, targets, first(samples), config.weights, config.algorithm, progress=progress
+        model, targets, _keeping(samples, kept, keep), config.weights, config.algorithm, progress=progress
     )
     references = _fp32_references(model, kept)  # before the model changes
     apply()
