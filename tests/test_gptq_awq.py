@@ -228,53 +228,33 @@ def test_tiny_llama_matmul_nbits_format(llama) -> None:
     assert min(f.cosine for f in result.summary.fidelity) > 0.98
 
 
-def test_sequential_gptq_corrects_for_the_layers_before(llama) -> None:
-    """Layer by layer, the first layer's Hessians are the fp32 ones (same integers as the one-pass
-    GPTQ), later layers' come from the quantized layers before them (different integers), and the
+def _integer_weights(fp32, data, algorithm) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The int4 weights ``algorithm`` writes for ``fp32``, and their names in graph order."""
+    import onnx_ir as ir
+
+    config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
+    model = ir.to_proto(onnxq.quantize(fp32, data, config=config, progress=False).model)
+    q = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_q")}
+    return q, [i for node in model.graph.node for i in node.input if i in q]
+
+
+@pytest.mark.parametrize(
+    ("layered", "one_pass"), [(GPTQ(), GPTQ(sequential=False)), (AWQ(sequential=True), AWQ())]
+)
+def test_layer_by_layer_corrects_for_the_layers_before(llama, layered, one_pass) -> None:
+    """Layer by layer, the first layer's statistics are the fp32 ones (same integers as one pass),
+    later layers' come from the quantized layers before them (different integers), and the
     calibration data is still read once."""
-    import onnx_ir as ir
-
     fp32, feeds = llama
     seen: list = []
-
-    def weights(algorithm, data) -> tuple[dict[str, np.ndarray], list[str]]:
-        config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
-        model = ir.to_proto(onnxq.quantize(fp32, data, config=config, progress=False).model)
-        q = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_q")}
-        return q, [i for node in model.graph.node for i in node.input if i in q]  # in graph order
-
-    (layered, order), (one_pass, _) = (
-        weights(GPTQ(), counted(feeds, seen)),
-        weights(GPTQ(sequential=False), feeds),
+    (by_layer, order), (once, _) = (
+        _integer_weights(fp32, counted(feeds, seen), layered),
+        _integer_weights(fp32, feeds, one_pass),
     )
     assert len(seen) == len(feeds)
-    assert layered.keys() == one_pass.keys() and len(layered) == 15
-    same = [n for n in order if np.array_equal(layered[n], one_pass[n])]
+    assert by_layer.keys() == once.keys() and len(by_layer) == 15
+    same = [n for n in order if np.array_equal(by_layer[n], once[n])]
     assert order[0] in same and order[-1] not in same  # first layer identical, the last one corrected
-
-
-def test_sequential_awq_searches_on_the_quantized_layers_before(llama) -> None:
-    """Layer by layer, AWQ's first layer sees the fp32 activations (the same integers as one pass),
-    later layers the outputs of the quantized layers before them; the data is still read once."""
-    import onnx_ir as ir
-
-    fp32, feeds = llama
-    seen: list = []
-
-    def weights(algorithm, data) -> tuple[dict[str, np.ndarray], list[str]]:
-        config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
-        model = ir.to_proto(onnxq.quantize(fp32, data, config=config, progress=False).model)
-        q = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_q")}
-        return q, [i for node in model.graph.node for i in node.input if i in q]
-
-    (layered, order), (one_pass, _) = (
-        weights(AWQ(sequential=True), counted(feeds, seen)),
-        weights(AWQ(), feeds),
-    )
-    assert len(seen) == len(feeds)
-    assert layered.keys() == one_pass.keys() and len(layered) == 15
-    same = [n for n in order if np.array_equal(layered[n], one_pass[n])]
-    assert order[0] in same and order[-1] not in same
 
 
 def test_awq_block_regions_reach_the_next_projection(llama) -> None:
