@@ -38,6 +38,11 @@ count of ``--samples`` (e.g. ``--samples 32,512``, to see whether peak RSS grows
   (``QuantConfig.weight_only("int4", 128, algorithm=..., exclude_op_types=("Gather",))``), to see
   what GPTQ's Hessians and AWQ's searches cost in time and peak RSS over round-to-nearest at each
   sample count; their ORT rows read "n/a" (ORT's int4 RTN is in ``tools/fidelity.py``);
+  ``NoSmoothing``, ``PerTensor``, ``CLE-BC``, ``AMP``: the default with SmoothQuant off, with
+  per-tensor int8 weights, with per-tensor weights plus cross-layer equalization and bias
+  correction, and ``quantize_mixed`` under ``min_cosine=0.999`` (the float nodes it keeps are in
+  the targets list): what each algorithm costs in time and peak RSS, and (fidelity) what it buys;
+  no ORT counterpart ("n/a");
   ORT's histogram calibrators keep every sample's activations in memory, so ORT runs only at sample
   counts up to ``--ort-max-samples`` (default 32) and reads "skipped" above;
 - per quantization: wall time of the quantize call, worker peak RSS (and ÷ the fp32 model file),
@@ -102,7 +107,13 @@ MODES = ("minmax", "methods", "dynamic", "weight-only")
 CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy", "MSE")
 # Weight-only int4 block 128 (MatMul/Gemm weights; tables stay float): round-to-nearest, GPTQ, AWQ.
 WEIGHT_ONLY_METHODS = ("RTN4", "GPTQ", "AWQ")
-METHODS = CALIBRATION_METHODS + WEIGHT_ONLY_METHODS
+# The static int8 default with one accuracy algorithm changed: SmoothQuant off (it is on by default
+# for transformers); per-tensor weights, and the same with cross-layer equalization + bias
+# correction (what they are for, on CNNs); automatic mixed precision under a cosine budget
+# (quantize_mixed, MixedPrecision(min_cosine=AMP_MIN_COSINE)).
+ALGORITHM_METHODS = ("NoSmoothing", "PerTensor", "CLE-BC", "AMP")
+AMP_MIN_COSINE = 0.999
+METHODS = CALIBRATION_METHODS + WEIGHT_ONLY_METHODS + ALGORITHM_METHODS
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")  # ORT's Distribution is not MSE
 DEFAULT_ORT_MAX_SAMPLES = 32
 # targets checked in --mode methods (onnxq's numbers)
@@ -257,23 +268,45 @@ class ListReader:
 def _quantize_onnxq(
     model: Path, calib: list[dict[str, np.ndarray]], output: Path, method: str | None = None
 ) -> dict[str, Any]:
-    """onnxq's default config, the default with ``calibration=<method>()``, or weight-only int4 block 128
-    (``RTN4``, ``GPTQ``, ``AWQ``)."""
+    """onnxq's default config, the default with ``calibration=<method>()``, weight-only int4 block 128
+    (``RTN4``, ``GPTQ``, ``AWQ``), or the default with one algorithm changed (``ALGORITHM_METHODS``)."""
     import onnxq
     from onnxq import config as onnxq_config
+    from onnxq.mixed_precision import MixedPrecision, quantize_mixed
 
     config = None
     if method in WEIGHT_ONLY_METHODS:
         algorithm = None if method == "RTN4" else getattr(onnxq_config, method)()
         config = onnxq.QuantConfig.weight_only("int4", 128, algorithm=algorithm, exclude_op_types=("Gather",))
-    elif method is not None:
+    elif method == "NoSmoothing":
+        config = onnxq.QuantConfig(smoothing=None)
+    elif method in ("PerTensor", "CLE-BC"):
+        weights = onnxq.QuantSpec("int8", True, onnxq.PerTensor())
+        config = onnxq.QuantConfig(weights=weights)
+        if method == "CLE-BC":
+            config = onnxq.QuantConfig(
+                weights=weights,
+                equalization=onnxq_config.CrossLayerEqualization(),
+                bias_correction=onnxq_config.BiasCorrection(),
+            )
+    elif method is not None and method != "AMP":
         config = onnxq.QuantConfig(calibration=getattr(onnxq_config, method)())
     t0 = time.perf_counter()
-    result = onnxq.quantize(model, calib, config=config, output=output, progress=False)
+    extra: dict[str, Any] = {}
+    if method == "AMP":
+        budget = MixedPrecision(min_cosine=AMP_MIN_COSINE, measure_latency=False)
+        mixed = quantize_mixed(model, calib, budget, output=output, progress=False)
+        s = mixed.summary
+        extra = {
+            "amp": {"met": mixed.met, "float_nodes": len(mixed.chosen), "candidates": len(mixed.ranking)}
+        }
+    else:
+        s = onnxq.quantize(model, calib, config=config, output=output, progress=False).summary
     elapsed = time.perf_counter() - t0
-    s = result.summary
+    assert s is not None
     return {
         "quantize_s": elapsed,
+        **extra,
         "onnxq_summary": {
             "quantized_nodes": dict(s.quantized_nodes),
             "float_nodes": len(s.float_nodes),
@@ -935,6 +968,15 @@ def render_targets(run: MethodsRun) -> str:
             checks = []
             if method in WEIGHT_ONLY_METHODS:
                 checks.append("÷ ORT: n/a (weight-only; ORT's int4 RTN: tools/fidelity.py ort-matmul-nbits)")
+            elif method in ALGORITHM_METHODS:
+                amp = run.by_samples[n]["quantize"][key].get("amp")
+                if amp:
+                    checks.append(
+                        f"cosine ≥ {AMP_MIN_COSINE} {'met' if amp['met'] else 'NOT met'} with "
+                        f"{amp['float_nodes']} of {amp['candidates']} nodes float"
+                    )
+                r = _ratio(t, _seconds(run, n, "onnxq:MinMax"))
+                checks.append(f"÷ onnxq MinMax {r:.2f}×" if r else "÷ onnxq MinMax: n/a (MinMax not run)")
             elif method != "MinMax":
                 if method in ORT_METHODS:
                     ort_key = f"ort:{method}"
@@ -1066,7 +1108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(CALIBRATION_METHODS),
         metavar="M[,M...]",
         help=f"--mode methods: calibration methods (default {','.join(CALIBRATION_METHODS)}; also "
-        f"{','.join(WEIGHT_ONLY_METHODS)}: weight-only int4 block 128)",
+        f"{','.join(WEIGHT_ONLY_METHODS)}: weight-only int4 block 128; {','.join(ALGORITHM_METHODS)}: the "
+        "default with one accuracy algorithm changed)",
     )
     p.add_argument(
         "--ort-max-samples",
