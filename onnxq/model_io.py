@@ -184,11 +184,11 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mode
     file stay on disk until used; any failure is a :class:`ModelLoadError` that says what is wrong.
     """
     if isinstance(model, ir.Model):
-        return ir.from_proto(ir.to_proto(model))
+        return _sorted(ir.from_proto(ir.to_proto(model)))
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # onnx_ir wraps tensors without copying; the caller's proto stays intact
-        return ir.from_proto(copy)
+        return _sorted(ir.from_proto(copy))
     if not isinstance(model, str | os.PathLike):
         raise ModelLoadError(
             f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}"
@@ -220,7 +220,22 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mode
         raise ModelLoadError(f"{path} holds an ONNX model onnxq cannot read: {exc}") from None
     ir.external_data.set_base_dir(loaded.graph, path.parent.resolve())
     _check_external_data(loaded, path.parent.resolve())
-    return loaded
+    return _sorted(loaded)
+
+
+def _sorted(model: ir.Model) -> ir.Model:
+    """``model`` with its main graph topologically sorted if its nodes are out of order (ONNX Runtime
+    runs such graphs, e.g. from its own float16 converter; onnx's checker and the passes need the
+    order). A sorted graph keeps its node order."""
+    graph = model.graph
+    seen = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        if any(v is not None and v.producer() is not None and id(v) not in seen for v in node.inputs):
+            log.info("the model's nodes are not in topological order: sorting them")
+            graph.sort()
+            break
+        seen.update(id(o) for o in node.outputs)
+    return model
 
 
 def _check_external_data(model: ir.Model, base_dir: Path) -> None:

@@ -259,3 +259,23 @@ def test_input_file_is_released(model_path, calib_feeds, tmp_path) -> None:
     assert [line for line in Path("/proc/self/maps").read_text().splitlines() if str(src) in line] == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     src.unlink()  # nothing holds it
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_nodes_out_of_topological_order_are_sorted_not_refused(weight_only, model_path, calib_feeds) -> None:
+    """ONNX Runtime runs graphs whose nodes are out of order (its own float16 converter writes
+    them); onnxq sorts a copy and quantizes it, and leaves the caller's proto as it was."""
+    proto = onnx.load(str(model_path("tiny-bert")))
+    nodes = list(proto.graph.node)
+    shuffled = nodes[len(nodes) // 2 :] + nodes[: len(nodes) // 2]  # later half first: unsorted
+    del proto.graph.node[:]
+    proto.graph.node.extend(shuffled)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(proto)
+    before = proto.SerializeToString()
+    feeds = calib_feeds("tiny-bert", 8)
+    config = onnxq.QuantConfig.weight_only("int4", 32) if weight_only else None
+    result = onnxq.quantize(proto, feeds, config=config, progress=False)
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    assert proto.SerializeToString() == before
+    assert min(f.cosine for f in result.summary.fidelity) > 0.99
