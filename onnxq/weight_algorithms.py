@@ -811,7 +811,7 @@ def sequential_gptq(
             if key in float_rows:
                 rows[name] = wk[float_rows[key]].copy()
                 deq[float_rows[key]] = rows[name]
-            dequantized[name] = _stored(t, deq)
+            dequantized[name] = _stored(t, deq).astype((t.value.dtype or ir.DataType.FLOAT).numpy())
         return dequantized
 
     count = layer_by_layer(

@@ -220,6 +220,25 @@ def test_tiny_llama_better_than_rtn_and_fused_by_ort(tmp_path, llama, algorithm)
         assert len(inserted) <= 2
 
 
+@pytest.mark.parametrize("algorithm", [GPTQ(), AWQ(sequential=True), AWQ(loss="block")])
+def test_half_tiny_llama_layer_by_layer_and_block_loss(llama, algorithm) -> None:
+    """A float16 decoder (ORT's own converter: float32 I/O, Casts appended out of topological
+    order): the layer-by-layer passes hand on float16 weights and the block loss feeds float16."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    fp32, feeds = llama
+    half = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    config = QuantConfig.weight_only("int4", 32, algorithm=algorithm)
+    result = onnxq.quantize(half, feeds, config=config, progress=False)
+    assert min(f.cosine for f in result.summary.fidelity) > 0.98
+    wide = [
+        v.name
+        for v in result.model.graph.initializers.values()
+        if v.dtype == onnx.TensorProto.FLOAT and v.shape is not None and len(v.shape) == 2
+    ]
+    assert not wide  # scales and float rows stay float16, as the weights were
+
+
 def test_tiny_llama_matmul_nbits_format(llama) -> None:
     fp32, feeds = llama
     config = QuantConfig.weight_only("int4", 32, algorithm=GPTQ(), weight_format="matmul_nbits")
