@@ -308,7 +308,7 @@ def collect_statistics(
     stats = {n: ActivationStats(hessian, max_rows) for n in names}
     model_outputs = [v.name for v in model.graph.outputs]
     graph_inputs = {v.name for v in model.graph.inputs}
-    capture = [n for n in dict.fromkeys(capture) if store is not None and capture_samples]
+    capture = list(dict.fromkeys(capture)) if store is not None and capture_samples else []
     extra = [n for n in capture if n not in names and n not in graph_inputs]
     with _Augment(model, [], raw=names + extra):
         try:
@@ -336,8 +336,7 @@ def collect_statistics(
             for name in capture:
                 store.put(seen, name, sample[name] if name in graph_inputs else outputs[name])  # type: ignore[union-attr]
             for name in extra:
-                if name not in names:
-                    outputs.pop(name)
+                outputs.pop(name)
         keys: dict[int, np.ndarray] = {}  # reservoir keys per row count: same rows in every tensor
         for name in names:
             x = outputs.pop(name)
@@ -673,6 +672,10 @@ def layer_by_layer(
             for n in node_reads(proto.graph.node[i]):
                 if n in targets:
                     weight_segment.setdefault(n, k)
+    last_use: dict[str, int] = {}  # activation → the last segment reading a target of it
+    for n, t in targets.items():
+        for a in t.activations:
+            last_use[a] = max(last_use.get(a, -1), weight_segment.get(n, -1))
     stats: dict[str, ActivationStats] = {}
     open_session = segment_opener(folder)
 
@@ -715,11 +718,7 @@ def layer_by_layer(
             del fp32
             # pass 2: this segment's weights quantized, outputs for the segments after it
             dequantized = quantize_segment([n for n in targets if weight_segment.get(n) == k], stats)
-            for a in [
-                a
-                for a in stats
-                if all(weight_segment.get(n, -1) <= k for n in targets if a in targets[n].activations)
-            ]:
+            for a in [a for a in stats if last_use.get(a, -1) <= k]:
                 del stats[a]
             hand_on = [n for n in seg.outputs if n in later[k]]
             if hand_on:
@@ -953,9 +952,8 @@ def find_block_regions(
                 if v is None or id(v) in inside or id(v) in group_weights:
                     continue
                 if not _constant(v, graph, consts):
-                    if not v.name:
-                        ok = False
-                    inputs[v.name] = None  # type: ignore[index]
+                    ok = ok and bool(v.name)  # an unnamed value cannot be captured
+                    inputs[v.name or ""] = None
         if ok:
             key = lambda n: order[id(n)]  # noqa: E731
             found[act] = BlockRegion(
