@@ -16,7 +16,10 @@ Algorithm (deterministic: the same inputs give the same nodes and a byte-identic
    trial costs a prepare, a rewrite, a save and the budget evaluation. A trial's file is
    byte-identical to ``onnxq.quantize(model, calib, config=result.config)`` (``tests/
    test_mixed_precision.py`` checks it), and ``result.config`` is a plain serialisable QuantConfig
-   (``exclude_nodes`` holds the chosen names with fnmatch metacharacters escaped).
+   (``exclude_nodes`` holds the chosen names with fnmatch metacharacters escaped). A base with
+   ``calibration=Dynamic()`` has nothing to calibrate: the samples are only read (and validated),
+   and every trial is the dynamic rewrite (:mod:`onnxq.passes.dynamic`) with the chosen nodes
+   excluded.
 2. **rank**: ``onnxq.diff(fp32, base quantized, the first diff_samples evaluation samples)``. A
    candidate is every node the base plan quantizes except pure data movement (Reshape, Transpose,
    MaxPool, ...: they do not round): MatMul/Gemm/Conv, integer islands (Add, Softmax, pooling, ...)
@@ -76,14 +79,15 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxq.calibrate import calibrate, session_options
-from onnxq.config import MinMax, QuantConfig, QuantSpec
+from onnxq.calibrate import CalibrationResult, calibrate, session_options
+from onnxq.config import Dynamic, MinMax, QuantConfig, QuantSpec
 from onnxq.data import Sample, checked_samples, model_inputs, peek_samples
 from onnxq.diff import DiffReport, diff
 from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
 from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
+from onnxq.passes.dynamic import dynamic_passes
 from onnxq.passes.smooth import (
     SmoothActivations,
     Smoothing,
@@ -472,10 +476,19 @@ class _Builder:
         prepare_model(model, self.min_opset, self.rules, self.first, notes)
         return model
 
+    @property
+    def dynamic(self) -> bool:
+        """The base config quantizes activations at run time: no calibration, no ranges."""
+        return isinstance(self.base.calibration, Dynamic)
+
     def calibrate(self, samples: Iterator[Sample]) -> None:
         notes: list[str] = []
         model = self.prepared(notes)
         self.notes = notes
+        if self.dynamic:  # nothing to measure; the samples are still read (and validated)
+            self.calibration = CalibrationResult({}, sum(1 for _ in samples))
+            self.body_ranges, self.body_stats = {}, {}
+            return
         plan = make_plan(model, self.base)
         tensors, channels = _measured(model, plan, self.base)
         # Bodies keep the base plan's quantization in every trial (the search ranks main-graph
@@ -523,6 +536,8 @@ class _Builder:
         config = self.config(nodes)
         model = self.prepared()
         plan = make_plan(model, config)
+        if self.dynamic:
+            return self._save(model, nodes, plan, dynamic_passes(plan, config)), plan, {}, config
         needed = plan.calibration_tensors()
         ranges = self.calibration.ranges
         missing = [n for n in needed if n not in ranges]
@@ -544,15 +559,22 @@ class _Builder:
         body_stats = {ids[k]: v for k, v in self.body_stats.items() if k in ids}
         in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
         body_smoothing = smooth_bodies(in_bodies, body_stats, body_ranges, config.smoothing)
+        rewrite = rewrite_passes(
+            plan,
+            trial_ranges,
+            smoothing,
+            self.rules,
+            body_ranges=body_ranges,
+            body_smoothing=body_smoothing,
+        )
+        return self._save(model, nodes, plan, rewrite), plan, {**scales, **body_smoothing.scales}, config
+
+    def _save(
+        self, model: ir.Model, nodes: Sequence[str], plan: QuantPlan, rewrite: ir.passes.PassManager
+    ) -> Path:
+        """Run ``rewrite`` on ``model`` and save it as the next trial's file."""
         try:
-            rewrite_passes(
-                plan,
-                trial_ranges,
-                smoothing,
-                self.rules,
-                body_ranges=body_ranges,
-                body_smoothing=body_smoothing,
-            )(model)
+            rewrite(model)
             KeepDeclaredTypes(self.declared)(model)
         except OnnxqError:
             raise
@@ -567,7 +589,7 @@ class _Builder:
         path = save_model(model, folder / self.file_name)
         if not nodes:
             self.base_plan = plan
-        return path, plan, {**scales, **body_smoothing.scales}, config
+        return path
 
 
 def _measured(
@@ -666,6 +688,11 @@ def quantize_mixed(
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be an onnxq.QuantConfig, not {type(config).__name__}")
+    if config.activations is None:
+        raise ConfigError(
+            "quantize_mixed searches which nodes keep float activations and weights; a weight-only "
+            "config (activations=None) has none: list the weights to keep float in exclude_nodes"
+        )
     if budget.fallback == "int16" and not (
         isinstance(config.calibration, MinMax)
         and all(s is None or s.calibration is None for s in config.overrides.values())

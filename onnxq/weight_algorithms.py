@@ -1478,15 +1478,18 @@ def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
     """The fp32 model's outputs on ``inputs`` (run segment by segment), for the fidelity check."""
 
     from onnxq.calibrate import KEEP_BYTES, proto_for_ort, segment_opener
-    from onnxq.segments import SegmentRunner
+    from onnxq.segments import SampleFailed, SegmentRunner
 
     if not inputs:
         return [], []
     proto, folder = proto_for_ort(model)
 
     outputs: dict[int, dict[str, np.ndarray]] = {}
-    for index, named in SegmentRunner(proto, segment_opener(folder)).run(inputs):
-        outputs.setdefault(index, {}).update(named)
+    try:
+        for index, named in SegmentRunner(proto, segment_opener(folder)).run(inputs):
+            outputs.setdefault(index, {}).update(named)
+    except SampleFailed as exc:
+        raise CalibrationDataError(f"calibration sample {exc.index} failed in ONNX Runtime: {exc}") from None
     kept, total = [], 0
     for i in sorted(outputs):
         if kept and total >= KEEP_BYTES:

@@ -326,3 +326,23 @@ def test_quantconfig_rejects_bad_dtype_directly() -> None:
 def test_errors_derive_from_onnxqerror() -> None:
     for exc in (ModelLoadError, ConfigError, CalibrationDataError, onnxq.OutputError, QuantizationError):
         assert issubclass(exc, OnnxqError)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        onnxq.QuantConfig(),
+        onnxq.QuantConfig(calibration=onnxq.Dynamic()),
+        onnxq.QuantConfig.weight_only("int4", 32),
+        onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.GPTQ()),
+        onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.AWQ()),
+    ],
+    ids=["static", "dynamic", "weight-only", "gptq", "awq"],
+)
+def test_sample_that_fails_in_onnxruntime(bert, bert_feed, tmp_path, config) -> None:
+    """Inputs of the right names, types and shapes that ONNX Runtime rejects (token ids past the
+    vocabulary: a tokenizer that does not match the model) name the sample, on every path."""
+    bert_feed["input_ids"] = np.full_like(bert_feed["input_ids"], 10**6)
+    with pytest.raises(CalibrationDataError, match="calibration sample 0 failed in ONNX Runtime"):
+        onnxq.quantize(bert, [bert_feed], config=config, output=tmp_path / "q.onnx", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -193,6 +194,43 @@ def test_tiny_bert_between_budget(model_path, calib_feeds, tmp_path):
         assert tried[frozenset(chosen - {name})] is False
     official = onnxq.quantize(path, feeds, config=result.config, output=tmp_path / "o.onnx", progress=False)
     assert official.output_path.read_bytes() == result.output_path.read_bytes()
+
+
+def test_dynamic_base_stays_dynamic(model_path, calib_feeds, tmp_path):
+    """A ``calibration=Dynamic()`` base: every trial is the dynamic rewrite (DynamicQuantizeLinear,
+    no static ranges), the chosen nodes stay float, and the file is ``onnxq.quantize``'s bytes."""
+    path, feeds = model_path("tiny-bert"), calib_feeds("tiny-bert", 8)
+    config = onnxq.QuantConfig(calibration=onnxq.Dynamic())
+    base = quantize_mixed(
+        path,
+        feeds,
+        MixedPrecision(min_cosine=0.9, measure_latency=False),
+        config=config,
+        output=tmp_path / "b.onnx",
+        progress=False,
+    )
+    cos0 = base.before.min_cosine()
+    assert base.chosen == () and cos0 < 1
+    target = 1 - (1 - cos0) / 2
+    result = quantize_mixed(
+        path,
+        feeds,
+        MixedPrecision(min_cosine=target, measure_latency=False),
+        config=config,
+        output=tmp_path / "m.onnx",
+        progress=False,
+    )
+    assert result.met and result.chosen and result.after.min_cosine() >= target
+    ops = [n.op_type for n in onnx.load(str(result.output_path)).graph.node]
+    assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    official = onnxq.quantize(path, feeds, config=result.config, output=tmp_path / "o.onnx", progress=False)
+    assert official.output_path.read_bytes() == result.output_path.read_bytes()
+    with pytest.raises(ConfigError, match="MinMax"):
+        quantize_mixed(path, feeds, MixedPrecision(min_cosine=0.9, fallback="int16"), config=config)
+    with pytest.raises(ConfigError, match="weight-only config"):
+        quantize_mixed(
+            path, feeds, MixedPrecision(min_cosine=0.9), config=onnxq.QuantConfig.weight_only("int4")
+        )
 
 
 def test_budget_validation():

@@ -18,10 +18,11 @@ Quantizers (``--quantizers`` picks some by key):
   (``-matmuls.json``: the same with the tied embedding / lm_head table left float, as ORT leaves
   it; ``-gptq.json``, ``-awq.json``, ``-awq-gptq.json``: GPTQ, AWQ and AWQ then GPTQ on those
   MatMuls, calibrated on the model's calibration samples);
-- ``onnxq-amp``: ``onnxq.quantize_mixed`` (automatic mixed precision) with the default config and
-  an accuracy budget scored by the task on an *evaluation* split kept apart from both the
-  calibration data and the reported test split: MiniLM accuracy drop <= ``--amp-points`` (0.1)
-  on 3,000 other movie snippets, SmolLM2 perplexity within ``--amp-ppl-pct`` (3 %) on the next
+- ``onnxq-amp``: ``onnxq.quantize_mixed`` (automatic mixed precision) with the default config (or
+  ``--amp-config``'s, e.g. ``tools/configs/dynamic.json`` for a dynamic base) and an accuracy
+  budget scored by the task on an *evaluation* split kept apart from both the calibration data
+  and the reported test split: MiniLM accuracy drop <= ``--amp-points`` (0.1) on 3,000 other
+  movie snippets, SmolLM2 perplexity within ``--amp-ppl-pct`` (3 %) on the next
   ``--amp-windows`` tutorial windows, the CNN's top-1 drop <= ``--amp-points`` on training images
   not used for calibration. Its notes give the nodes kept in float, the quantizations tried, the
   budget metric on the evaluation split and the latency vs fp32 on ORT's CPU EP (batch 1, the
@@ -205,9 +206,10 @@ def amp_quantizer(task: Task) -> Quantizer:
 
         eval_fn, max_drop, what, extra = task.amp_budget()
         budget = MixedPrecision(eval_fn=eval_fn, max_drop=max_drop, **extra)
-        result = quantize_mixed(
-            fp32, calib, budget, config=onnxq.QuantConfig(), output=output, progress=False
+        base = (
+            onnxq.QuantConfig.from_json(task.args.amp_config) if task.args.amp_config else onnxq.QuantConfig()
         )
+        result = quantize_mixed(fp32, calib, budget, config=base, output=output, progress=False)
         log.info("%s AMP:\n%s", task.name, result.to_text())
         notes: dict[str, Any] = {
             "budget": what,
@@ -823,6 +825,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of splits and calibration picks")
     p.add_argument("--amp-points", type=float, default=0.1, help="onnxq-amp: max accuracy drop (points)")
     p.add_argument("--amp-ppl-pct", type=float, default=3.0, help="onnxq-amp: smollm2 ppl rise (%%)")
+    p.add_argument(
+        "--amp-config", metavar="CONFIG.json", help="onnxq-amp: the base config (default: QuantConfig())"
+    )
     p.add_argument("--amp-windows", type=int, default=4, help="onnxq-amp: smollm2 evaluation windows")
     p.add_argument(
         "--merged",
@@ -839,6 +844,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.samples is not None and args.samples < 1:
         p.error("--samples must be positive")
+    if args.amp_config:  # quantizers run in a scratch folder
+        args.amp_config = str(Path(args.amp_config).resolve())
     return args
 
 
