@@ -1,7 +1,9 @@
 """The ``onnxq`` command line: ``quantize``, ``inspect``, ``export``, ``validate`` and ``diff``.
 
 Errors a user can cause print one line (``onnxq: error: ...``) and exit with code 2; ``validate``
-exits with 1 when a candidate breaks a tolerance (or fails to run on a requested provider).
+exits with 1 when a candidate breaks a tolerance (or fails to run on a requested provider), and
+``quantize --min-cosine/--min-sqnr`` when the budget is not met (the report and the model with the
+most nodes out of 8 bits it tried are still written).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 from onnxq import __version__
 from onnxq.config import MSE, TARGETS, Codebook, Dynamic, Entropy, MinMax, Percentile, PerTensor, QuantConfig
-from onnxq.errors import OnnxqError
+from onnxq.errors import ConfigError, OnnxqError
 
 WEIGHT_ONLY = (
     "int8",
@@ -100,6 +102,23 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--no-fidelity", action="store_true", help="skip the fp32 comparison")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
+    amp = q.add_argument_group(
+        "mixed precision",
+        "an accuracy budget on every output vs fp32 (the first --eval-samples calibration samples): "
+        "the fewest nodes are kept out of 8 bits that meet it, and a report says which, why, and "
+        "their cost in size and latency (onnxq.quantize_mixed); exit code 1 when it cannot be met",
+    )
+    amp.add_argument("--min-cosine", type=float, metavar="C", help="minimum output cosine, e.g. 0.999")
+    amp.add_argument("--min-sqnr", type=float, metavar="DB", help="minimum output SQNR in dB")
+    amp.add_argument(
+        "--fallback",
+        choices=("float", "int16"),
+        help="where chosen nodes go: float (default) or 16-bit activations (minmax calibration only)",
+    )
+    amp.add_argument("--max-float-nodes", type=int, metavar="N", help="at most N nodes leave 8 bits")
+    amp.add_argument(
+        "--eval-samples", type=int, metavar="N", help="calibration samples the budget is checked on (16)"
+    )
 
     i = sub.add_parser("inspect", help="opset, inputs, outputs, op histogram, and the quantization plan")
     i.add_argument("model")
@@ -213,12 +232,42 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     return config.with_changes(**changes) if changes else config
 
 
+def _budget(args: argparse.Namespace):  # -> MixedPrecision | None
+    """The mixed-precision budget the flags ask for, or None; budget options without a budget
+    are refused (they would be silently ignored)."""
+    from onnxq.mixed_precision import MixedPrecision
+
+    if args.min_cosine is None and args.min_sqnr is None:
+        given = [f for f in ("fallback", "max_float_nodes", "eval_samples") if getattr(args, f) is not None]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ConfigError(f"{flags} only apply to mixed precision: add --min-cosine or --min-sqnr")
+        return None
+    extra = {"eval_samples": args.eval_samples} if args.eval_samples is not None else {}
+    return MixedPrecision(
+        min_cosine=args.min_cosine,
+        min_sqnr_db=args.min_sqnr,
+        fallback=args.fallback or "float",
+        max_float_nodes=args.max_float_nodes,
+        **extra,
+    )
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from onnxq.pipeline import quantize
 
-    result = quantize(
-        args.model, args.calib, config=_config(args), output=args.output, progress=not args.quiet
-    )
+    config, budget = _config(args), _budget(args)
+    if budget is not None:
+        from onnxq.mixed_precision import quantize_mixed
+
+        mixed = quantize_mixed(
+            args.model, args.calib, budget, config=config, output=args.output, progress=not args.quiet
+        )
+        print(mixed.to_text())
+        if mixed.output_path is not None:
+            print(f"written: {mixed.output_path}")
+        return 0 if mixed.met else 1
+    result = quantize(args.model, args.calib, config=config, output=args.output, progress=not args.quiet)
     print(result)
     return 0
 

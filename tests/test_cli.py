@@ -73,6 +73,12 @@ def test_quantize_options_reach_the_config(calib_npz, tmp_path, capsys) -> None:
         (["quantize", "{model}", "--calib", "{npz}", "-o", "/nonexistent-dir/q.onnx"], "does not exist"),
         (["quantize", "{model}", "--calib", "{npz}", "--config", "{badcfg}"], "unknown config keys"),
         (["inspect", "{notonnx}"], "not a valid ONNX model"),
+        (["quantize", "{model}", "--calib", "{npz}", "--fallback", "int16"], "add --min-cosine"),
+        (
+            ["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "0.99", "--weight-only", "int4"],
+            "weight-only",
+        ),
+        (["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "2"], "min_cosine"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(calib_npz, tmp_path, capsys, argv, needle) -> None:
@@ -163,3 +169,49 @@ def test_inspect_plan_for_weight_only_and_dynamic_configs(model_path, tmp_path, 
     onnxq.QuantConfig(calibration=onnxq.Dynamic()).to_json(dynamic)
     assert main(["inspect", str(model_path("tiny-bert")), "--plan", "--config", str(dynamic)]) == 0
     assert "activations to calibrate: none (dynamic" in capsys.readouterr().out
+
+
+def test_min_cosine_runs_mixed_precision(calib_npz, tmp_path, capsys) -> None:
+    """``--min-cosine`` between the all-8-bit model's cosine and 1: some nodes stay float, the
+    report says which and what they cost, and the file is what the API writes for that config."""
+    from onnxq.mixed_precision import MixedPrecision, quantize_mixed
+
+    model, npz = calib_npz
+    with np.load(npz) as data:
+        feeds = [{k: data[k][i : i + 1] for k in data.files} for i in range(len(data[data.files[0]]))]
+    budget = MixedPrecision(min_cosine=0.9, measure_latency=False)
+    base = quantize_mixed(model, feeds, budget, output=tmp_path / "base.onnx", progress=False)
+    target = 1 - (1 - base.before.min_cosine()) / 2
+    out = tmp_path / "amp.onnx"
+    argv = [
+        "quantize",
+        str(model),
+        "--calib",
+        str(npz),
+        "-o",
+        str(out),
+        "--quiet",
+        "--min-cosine",
+        f"{target:.9f}",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "budget output cosine >=" in text and ": MET with" in text
+    assert "nodes kept in float:" in text and "latency on ORT CPU EP" in text and "size: fp32" in text
+    assert f"written: {out}" in text
+    api = quantize_mixed(
+        model,
+        feeds,
+        MixedPrecision(min_cosine=float(f"{target:.9f}"), measure_latency=False),
+        output=tmp_path / "api.onnx",
+        progress=False,
+    )
+    assert api.chosen and out.read_bytes() == api.output_path.read_bytes()
+
+
+def test_unmet_budget_exits_1_and_still_writes(calib_npz, tmp_path, capsys) -> None:
+    model, npz = calib_npz
+    out = tmp_path / "amp.onnx"
+    argv = ["quantize", str(model), "--calib", str(npz), "-o", str(out), "--quiet"]
+    assert main([*argv, "--min-cosine", "0.9999999", "--max-float-nodes", "0"]) == 1
+    assert ": NOT MET with 0 of" in capsys.readouterr().out and out.is_file()
