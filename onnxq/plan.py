@@ -21,7 +21,11 @@ quantized node becomes an integer kernel:
   ORT's CPU EP the QuantizeLinear of Q, K, V and the softmax output cost as much as the int8
   MatMuls save, and 8-bit softmax probabilities cost decoders accuracy.
 - Data-movement ops (Reshape, Transpose, MaxPool, Gather, ...) on a quantized tensor pass it
-  through with the same scale, so they run on the integers. An embedding Gather reads an int8 table.
+  through with the same scale, so they run on the integers. An embedding Gather (axis 0 of a 2-D
+  table) reads an int8 table with one scale per row, whatever the weights' granularity (one scale
+  for all rows costs a table 15-30 dB of SQNR; :mod:`onnxq.passes.gather_rows`), and its output is
+  float; an override of the table with ``PerTensor()`` granularity keeps the per-tensor form, whose
+  output stays int8 for the integer ops after it.
 
 ``"tensorrt"`` and ``"openvino"`` put QDQ on the inputs of MatMul/Gemm/Conv/ConvTranspose only
 (their compilers fuse the rest themselves); ``"qnn"`` quantizes every op, model inputs and outputs
@@ -41,7 +45,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from onnxq.config import PerTensor, QuantConfig, QuantSpec
+from onnxq.config import PerChannel, PerTensor, QuantConfig, QuantSpec
 
 COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 ISLAND_OPS = {
@@ -109,7 +113,7 @@ class TargetRules:
     - ``output_quantized``: compute ops whose output is quantized too (fused requantization).
     - ``islands``: ops quantized where all their inputs already are (extending integer regions).
     - ``data_movement``: data-movement ops pass quantized tensors through (same scale), and an
-      embedding Gather reads an integer table.
+      embedding Gather reads an integer table (one scale per row).
     - ``drop_data_movement_pairs``: the clean-up removes DQ→op→Q pairs around data movement.
     - ``quantize_bias``: Conv/Gemm (and, with ``every_op``, LayerNormalization) biases become int32.
     - ``per_tensor_weights``: ops whose weights are quantized per tensor whatever the config says.
@@ -552,6 +556,14 @@ class Planner:
             spec = self.config.overrides.get(data.name, self.config.weights)
             if spec is None:
                 return f"weight {data.name} kept float by override"
+            table = _constant(data)
+            per_tensor = data.name in self.config.overrides and isinstance(spec.granularity, PerTensor)
+            rows = node.attributes.get_int("axis", 0) == 0 and table is not None and len(table.shape) == 2
+            if rows and not per_tensor:
+                # One scale per row, gathered with the rows (onnxq.passes.gather_rows); the
+                # output is float, so what reads it is planned as after any float op.
+                self._add_weight(plan, data, node, 0, QuantSpec(spec.dtype, spec.symmetric, PerChannel(0)))
+                return None
             spec = QuantSpec(spec.dtype, spec.symmetric, PerTensor())
             self._add_weight(plan, data, node, 0, spec)
             key = f"{data.name}|None|{spec.dtype}|{spec.symmetric}"

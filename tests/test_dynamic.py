@@ -160,7 +160,8 @@ def test_dynamic_qdq_form_passes_the_checker_and_runs_on_cpu(model_path, calib_f
     onnx.checker.check_model(str(out), full_check=True)
     ops = _ops(str(out))
     assert ops["DynamicQuantizeLinear"] == 8 and ops["MatMulInteger"] == 0
-    assert ops["DequantizeLinear"] == 8 + 12 + 3  # activations, weights, embedding tables
+    assert ops["DequantizeLinear"] == 8 + 12  # activations, weights
+    assert ops["Cast"] >= 3  # the 3 embedding tables: integer rows gathered, cast, scaled per row
     assert result.summary.fidelity[0].cosine > 0.9999
     assert _outputs(out, feeds)[0].shape == _outputs(model_path("tiny-bert"), feeds)[0].shape
 

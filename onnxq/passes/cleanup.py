@@ -1,5 +1,7 @@
 """Clean-up after the rewrite: data-movement ops run on integers, dead values go.
 
+Embedding tables quantized per row are read row by row first (:mod:`onnxq.passes.gather_rows`).
+
 Guarantees: a data-movement op (Reshape, Transpose, Gather, MaxPool, ...) that sits between a
 DequantizeLinear and a QuantizeLinear with identical per-tensor scale and zero point is rewired to
 read and write the integers directly, and the pair disappears — the result is exactly equal, and
@@ -14,6 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxq.passes._util import constant_array
+from onnxq.passes.gather_rows import GatherRows
 from onnxq.plan import DATA_MOVEMENT_OPS
 
 # Ops whose output integers equal a pure rearrangement/selection of input integers (MaxPool is
@@ -68,14 +71,17 @@ class DropQDQAroundDataMovement(ir.passes.InPlacePass):
 
 
 class Cleanup(ir.passes.InPlacePass):
-    """Drop QDQ pairs around data movement (unless ``drop_data_movement=False``: runtimes such as
-    QNN-HTP need every op in QDQ form), remove unused nodes and values, sort the graph."""
+    """Gather per-row tables row by row, drop QDQ pairs around data movement (unless
+    ``drop_data_movement=False``: runtimes such as QNN-HTP need every op in QDQ form), remove
+    unused nodes and values, sort the graph."""
 
     def __init__(self, drop_data_movement: bool = True) -> None:
         super().__init__()
         self.drop_data_movement = drop_data_movement
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        passes = [DropQDQAroundDataMovement()] if self.drop_data_movement else []
+        passes: list[ir.passes.PassBase] = [GatherRows()]
+        if self.drop_data_movement:
+            passes.append(DropQDQAroundDataMovement())
         result = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])(model)
         return ir.passes.PassResult(model, result.modified)
