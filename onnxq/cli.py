@@ -12,10 +12,14 @@ import argparse
 import collections
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from onnxq import __version__
 from onnxq.config import MSE, TARGETS, Codebook, Dynamic, Entropy, MinMax, Percentile, PerTensor, QuantConfig
 from onnxq.errors import ConfigError, OnnxqError
+
+if TYPE_CHECKING:
+    from onnxq.mixed_precision import MixedPrecision
 
 WEIGHT_ONLY = (
     "int8",
@@ -232,7 +236,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     return config.with_changes(**changes) if changes else config
 
 
-def _budget(args: argparse.Namespace):  # -> MixedPrecision | None
+def _budget(args: argparse.Namespace) -> MixedPrecision | None:
     """The mixed-precision budget the flags ask for, or None; budget options without a budget
     are refused (they would be silently ignored)."""
     from onnxq.mixed_precision import MixedPrecision

@@ -79,7 +79,16 @@ class GatherRows(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     @staticmethod
-    def _rewrite(graph, namer, gather: ir.Node, table, scale_v, zp_v, dtype) -> None:
+    def _rewrite(
+        graph: ir.Graph,
+        namer: Namer,
+        gather: ir.Node,
+        table: ir.Value,
+        scale_v: ir.Value,
+        zp_v: ir.Value | None,
+        dtype: ir.DataType,
+    ) -> None:
+        """``gather``'s output, with its name, from the integer rows, zero points and scales."""
         ids = gather.inputs[1]
         name = gather.name or table.name
 
