@@ -886,6 +886,7 @@ def quantize_mixed(
         fidelity_samples=len(eval_list),
         **summary_fields(smoothing),
         notes=tuple(notes),
+        dynamic=builder.dynamic,
     )
     return MixedPrecisionResult(
         output_path=output_path,

@@ -221,6 +221,7 @@ def test_dynamic_base_stays_dynamic(model_path, calib_feeds, tmp_path):
         progress=False,
     )
     assert result.met and result.chosen and result.after.min_cosine() >= target
+    assert result.summary.dynamic and "calibration: dynamic" in result.summary.to_text()
     ops = [n.op_type for n in onnx.load(str(result.output_path)).graph.node]
     assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
     official = onnxq.quantize(path, feeds, config=result.config, output=tmp_path / "o.onnx", progress=False)
