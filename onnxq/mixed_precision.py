@@ -19,7 +19,11 @@ Algorithm (deterministic: the same inputs give the same nodes and a byte-identic
    (``exclude_nodes`` holds the chosen names with fnmatch metacharacters escaped). A base with
    ``calibration=Dynamic()`` has nothing to calibrate: the samples are only read (and validated),
    and every trial is the dynamic rewrite (:mod:`onnxq.passes.dynamic`) with the chosen nodes
-   excluded.
+   excluded. A weight-only base (``activations=None``, round-to-nearest or a codebook: GPTQ/AWQ
+   would recalibrate per trial, so they are refused) is searched the same way over its weights:
+   one candidate per weight the rewrite would quantize, named by its first reader (keeping that
+   node float keeps the whole weight float, every reader of it), each trial the weight-only
+   pipeline's file; ``fallback`` must be ``"float"``. Below, "8 bits" reads "the base's type".
 2. **rank**: ``onnxq.diff(fp32, base quantized, the first diff_samples evaluation samples)``. A
    candidate is every node the base plan quantizes except pure data movement (Reshape, Transpose,
    MaxPool, ...: they do not round): MatMul/Gemm/Conv, integer islands (Add, Softmax, pooling, ...)
@@ -110,7 +114,7 @@ from onnxq.pipeline import (
     required_opset,
     rewrite_passes,
 )
-from onnxq.plan import DATA_MOVEMENT_OPS, FLOAT_TYPES, OUTPUT_QUANTIZED_OPS, RULES, QuantPlan
+from onnxq.plan import DATA_MOVEMENT_OPS, FLOAT_TYPES, OUTPUT_QUANTIZED_OPS, RULES, NodePlan, QuantPlan
 from onnxq.providers import CpuProvider, timed_runs
 from onnxq.result import FloatNode, OutputFidelity, QuantizationSummary
 
@@ -334,8 +338,8 @@ class MixedPrecisionResult:
             for c in self.chosen:
                 lines.append(f"  {c.rank:>4} {c.added_db:>9.2f}  {c.op_type} {c.name}: {c.reason}")
         lines.append("budget metric:")
-        lines.append(f"  base (all 8-bit): {_metrics_text(self.before, self.fp32_score)}")
-        lines.append(f"  chosen:           {_metrics_text(self.after, self.fp32_score)}")
+        lines.append(f"  base (all quantized): {_metrics_text(self.before, self.fp32_score)}")
+        lines.append(f"  chosen:               {_metrics_text(self.after, self.fp32_score)}")
         mb = 1e6
         lines.append(
             f"size: fp32 {self.size_fp32 / mb:.2f} MB, base {self.size_base / mb:.2f} MB, "
@@ -464,7 +468,7 @@ class _Builder:
         self.source, self.base, self.budget = source, base, budget
         self.first, self.folder, self.file_name = first, folder, file_name
         self.rules = RULES[base.target]
-        self.min_opset = required_opset(base)
+        self.min_opset = required_opset(base) if base.activations is not None else 0
         if budget.fallback == "int16":
             self.min_opset = max(self.min_opset, OPSET_16BIT)
         self.count = 0
@@ -472,9 +476,19 @@ class _Builder:
 
     def prepared(self, notes: list[str] | None = None) -> ir.Model:
         model = load_model(self.source)
+        if self.weight_only:  # as the weight-only rewrite sees it (names fixed, constants lifted)
+            from onnxq.weight_only import canonical_passes
+
+            ir.passes.PassManager(canonical_passes())(model)
+            return model
         self.declared = declared_types(model)
         prepare_model(model, self.min_opset, self.rules, self.first, notes)
         return model
+
+    @property
+    def weight_only(self) -> bool:
+        """The base config quantizes weights only: trials are the weight-only pipeline's."""
+        return self.base.activations is None
 
     @property
     def dynamic(self) -> bool:
@@ -485,7 +499,11 @@ class _Builder:
         notes: list[str] = []
         model = self.prepared(notes)
         self.notes = notes
-        if self.dynamic:  # nothing to measure; the samples are still read (and validated)
+        if self.weight_only:  # one candidate per quantized weight: its first reader
+            from onnxq.weight_only import quantized_weights
+
+            self.weights = quantized_weights(model, self.base)
+        if self.dynamic or self.weight_only:  # nothing to measure; the samples are read (validated)
             self.calibration = CalibrationResult({}, sum(1 for _ in samples))
             self.body_ranges, self.body_stats = {}, {}
             return
@@ -534,6 +552,8 @@ class _Builder:
         """Quantize with ``nodes`` out of 8 bits; returns the saved file, the plan (after the
         rewrite), what SmoothQuant chose per activation and the config."""
         config = self.config(nodes)
+        if self.weight_only:
+            return self._weight_only_trial(nodes, config), self._weight_plan(nodes), {}, config
         model = self.prepared()
         plan = make_plan(model, config)
         if self.dynamic:
@@ -568,6 +588,29 @@ class _Builder:
             body_smoothing=body_smoothing,
         )
         return self._save(model, nodes, plan, rewrite), plan, {**scales, **body_smoothing.scales}, config
+
+    def _weight_only_trial(self, nodes: Sequence[str], config: QuantConfig) -> Path:
+        """The weight-only pipeline's file for ``config`` (no fidelity check: the search measures)."""
+        from onnxq.weight_only import quantize_weight_only
+
+        self.count += 1
+        folder = self.folder / f"trial{self.count}"
+        folder.mkdir()
+        path = folder / self.file_name
+        quantize_weight_only(self.source, config.with_changes(fidelity=False), path, None, progress=False)
+        if not nodes:
+            self.base_plan = self._weight_plan(nodes)
+        return path
+
+    def _weight_plan(self, nodes: Sequence[str]) -> QuantPlan:
+        """A plan with one node per weight (its first reader), quantized unless in ``nodes``."""
+        plan = QuantPlan()
+        for readers in self.weights.values():
+            name, op = readers[0]
+            plan.nodes[name] = NodePlan(
+                name, op, name not in nodes, "" if name not in nodes else "kept float"
+            )
+        return plan
 
     def _save(
         self, model: ir.Model, nodes: Sequence[str], plan: QuantPlan, rewrite: ir.passes.PassManager
@@ -688,11 +731,14 @@ def quantize_mixed(
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be an onnxq.QuantConfig, not {type(config).__name__}")
-    if config.activations is None:
+    if config.activations is None and config.algorithm is not None:
         raise ConfigError(
-            "quantize_mixed searches which nodes keep float activations and weights; a weight-only "
-            "config (activations=None) has none: list the weights to keep float in exclude_nodes"
+            f"quantize_mixed with a weight-only {type(config.algorithm).__name__}() base would rerun "
+            "its calibration for every trial: search with the round-to-nearest base (algorithm=None), "
+            "then quantize with the algorithm and the returned config's exclude_nodes"
         )
+    if config.activations is None and budget.fallback != "float":
+        raise ConfigError("a weight-only base has no activations to move to 16 bits: use fallback='float'")
     if budget.fallback == "int16" and not (
         isinstance(config.calibration, MinMax)
         and all(s is None or s.calibration is None for s in config.overrides.values())

@@ -139,14 +139,7 @@ def quantize_weight_only(
     n_calib = 0
     try:
         upgraded = _upgrade(ir_model, required_opset(config))
-        ir.passes.PassManager(
-            [
-                LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
-                RemoveUnusedNodesPass(),
-                NameBodyNodes(),
-                NameFixPass(),
-            ]
-        )(ir_model)
+        ir.passes.PassManager(canonical_passes())(ir_model)
         if algorithm is not None:
             from onnxq.weight_algorithms import prepare_algorithm
 
@@ -192,6 +185,26 @@ def quantize_weight_only(
     return QuantizationResult(output, ir_model, summary)
 
 
+def quantized_weights(model: Any, config: QuantConfig) -> dict[str, list[tuple[str, str]]]:
+    """The weights ``config`` would quantize in ``model`` (nothing is changed): weight name →
+    its ``(node name, op type)`` readers. Excluding any one reader keeps the weight float."""
+    ir_model = load_model(model)
+    wo = WeightOnlyQuantize(config.weights, config.weight_format, excluder(config))
+    wo.dry_run = True
+    ir.passes.PassManager([*canonical_passes(), wo])(ir_model)
+    return wo.readers
+
+
+def canonical_passes() -> list[ir.passes.PassBase]:
+    """What runs before the weight-only rewrite (node names included, so exclusions match)."""
+    return [
+        LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+        RemoveUnusedNodesPass(),
+        NameBodyNodes(),
+        NameFixPass(),
+    ]
+
+
 def describe(config: QuantConfig) -> str:
     """One line naming a weight-only config's format and algorithm, for summaries."""
     w = config.weights
@@ -213,4 +226,4 @@ def _fp32_outputs(ir_model: ir.Model, samples) -> tuple[list, list]:
     return _fp32_references(ir_model, list(itertools.islice(samples, FIDELITY_SAMPLES)))
 
 
-__all__ = ["is_weight_only", "quantize_weight_only", "required_opset"]
+__all__ = ["is_weight_only", "quantize_weight_only", "quantized_weights", "required_opset"]

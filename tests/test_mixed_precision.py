@@ -228,10 +228,44 @@ def test_dynamic_base_stays_dynamic(model_path, calib_feeds, tmp_path):
     assert official.output_path.read_bytes() == result.output_path.read_bytes()
     with pytest.raises(ConfigError, match="MinMax"):
         quantize_mixed(path, feeds, MixedPrecision(min_cosine=0.9, fallback="int16"), config=config)
-    with pytest.raises(ConfigError, match="weight-only config"):
-        quantize_mixed(
-            path, feeds, MixedPrecision(min_cosine=0.9), config=onnxq.QuantConfig.weight_only("int4")
-        )
+
+
+def test_weight_only_base_keeps_weights_float(model_path, calib_feeds, tmp_path):
+    """An int4 round-to-nearest base: candidates are the weights (named by their first reader),
+    the search meets a budget between the base's cosine and 1 with the weights it keeps float,
+    refinement puts weights of the passing prefix back to int4, and the file is
+    ``onnxq.quantize``'s for the returned config. GPTQ/AWQ bases (a calibration per trial) and
+    16-bit fallback are refused."""
+    path, feeds = model_path("tiny-llama"), calib_feeds("tiny-llama", 8)
+    config = onnxq.QuantConfig.weight_only("int4", 32)
+    budget = MixedPrecision(min_cosine=0.5, measure_latency=False)
+    base = quantize_mixed(path, feeds, budget, config=config, output=tmp_path / "b.onnx", progress=False)
+    cos0 = base.before.min_cosine()
+    assert base.chosen == () and cos0 < 0.999
+    assert {c.op_type for c in base.ranking} == {"MatMul", "Gather"} and len(base.ranking) == 16
+    target = 1 - (1 - cos0) / 3
+    result = quantize_mixed(
+        path,
+        feeds,
+        MixedPrecision(min_cosine=target, measure_latency=False, max_refine_trials=16),
+        config=config,
+        output=tmp_path / "m.onnx",
+        progress=False,
+    )
+    assert result.met and result.after.min_cosine() >= target
+    assert 0 < len(result.chosen) < len(result.ranking)
+    assert result.size_base < result.size_after < result.size_fp32
+    prefix = min(
+        len(t.nodes) for t in result.trials if t.metrics.met and t.step.startswith(("gallop", "bisect"))
+    )
+    assert len(result.chosen) < prefix  # refinement put weights of the passing prefix back to int4
+    official = onnxq.quantize(path, feeds, config=result.config, output=tmp_path / "o.onnx", progress=False)
+    assert official.output_path.read_bytes() == result.output_path.read_bytes()
+    gptq = onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.GPTQ())
+    with pytest.raises(ConfigError, match="rerun its calibration"):
+        quantize_mixed(path, feeds, MixedPrecision(min_cosine=0.9), config=gptq)
+    with pytest.raises(ConfigError, match="fallback='float'"):
+        quantize_mixed(path, feeds, MixedPrecision(min_cosine=0.9, fallback="int16"), config=config)
 
 
 def test_budget_validation():

@@ -225,6 +225,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         self.nbits = weight_format == "matmul_nbits"
         self.exclude = exclude or (lambda node: None)
         self.quantized: dict[str, int] = {}  # op type → nodes
+        self.readers: dict[str, list[tuple[str, str]]] = {}  # quantized weight → (node, op type) readers
         self.skipped: dict[str, str] = {}  # weight → reason
         self.largest_weight = 0
         # Optional hook (name, w, wtype, axis, block, symmetric) -> (q, scale, zero_point) | None that
@@ -263,6 +264,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
                 self.skipped[name] = reason
                 continue
             self.largest_weight = max(self.largest_weight, const.nbytes)
+            self.readers[name] = [(node.name or "", node.op_type) for node in readers]
             if self.dry_run:
                 for node in readers:
                     self.quantized[node.op_type] = self.quantized.get(node.op_type, 0) + 1
