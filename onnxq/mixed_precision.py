@@ -553,7 +553,7 @@ class _Builder:
         rewrite), what SmoothQuant chose per activation and the config."""
         config = self.config(nodes)
         if self.weight_only:
-            return self._weight_only_trial(nodes, config), self._weight_plan(nodes), {}, config
+            return self._weight_only_trial(config), self._weight_plan(nodes), {}, config
         model = self.prepared()
         plan = make_plan(model, config)
         if self.dynamic:
@@ -589,17 +589,12 @@ class _Builder:
         )
         return self._save(model, nodes, plan, rewrite), plan, {**scales, **body_smoothing.scales}, config
 
-    def _weight_only_trial(self, nodes: Sequence[str], config: QuantConfig) -> Path:
+    def _weight_only_trial(self, config: QuantConfig) -> Path:
         """The weight-only pipeline's file for ``config`` (no fidelity check: the search measures)."""
         from onnxq.weight_only import quantize_weight_only
 
-        self.count += 1
-        folder = self.folder / f"trial{self.count}"
-        folder.mkdir()
-        path = folder / self.file_name
+        path = self._trial_path()
         quantize_weight_only(self.source, config.with_changes(fidelity=False), path, None, progress=False)
-        if not nodes:
-            self.base_plan = self._weight_plan(nodes)
         return path
 
     def _weight_plan(self, nodes: Sequence[str]) -> QuantPlan:
@@ -626,13 +621,17 @@ class _Builder:
         from onnxq import __version__
 
         model.producer_name, model.producer_version = "onnxq", __version__
-        self.count += 1
-        folder = self.folder / f"trial{self.count}"
-        folder.mkdir()
-        path = save_model(model, folder / self.file_name)
+        path = save_model(model, self._trial_path())
         if not nodes:
             self.base_plan = plan
         return path
+
+    def _trial_path(self) -> Path:
+        """Where the next trial's file goes (a folder of its own, for external data)."""
+        self.count += 1
+        folder = self.folder / f"trial{self.count}"
+        folder.mkdir()
+        return folder / self.file_name
 
 
 def _measured(

@@ -556,9 +556,8 @@ class Planner:
             spec = self.config.overrides.get(data.name, self.config.weights)
             if spec is None:
                 return f"weight {data.name} kept float by override"
-            table = _constant(data)
             per_tensor = data.name in self.config.overrides and isinstance(spec.granularity, PerTensor)
-            rows = node.attributes.get_int("axis", 0) == 0 and table is not None and len(table.shape) == 2
+            rows = node.attributes.get_int("axis", 0) == 0 and len(data.const_value.shape) == 2  # type: ignore[union-attr]
             if rows and not per_tensor:
                 # One scale per row, gathered with the rows (onnxq.passes.gather_rows); the
                 # output is float, so what reads it is planned as after any float op.

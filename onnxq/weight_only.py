@@ -185,13 +185,13 @@ def quantize_weight_only(
     return QuantizationResult(output, ir_model, summary)
 
 
-def quantized_weights(model: Any, config: QuantConfig) -> dict[str, list[tuple[str, str]]]:
-    """The weights ``config`` would quantize in ``model`` (nothing is changed): weight name →
-    its ``(node name, op type)`` readers. Excluding any one reader keeps the weight float."""
-    ir_model = load_model(model)
+def quantized_weights(model: ir.Model, config: QuantConfig) -> dict[str, list[tuple[str, str]]]:
+    """The weights ``config`` would quantize in ``model`` (after :func:`canonical_passes`, which
+    this runs on it; no weight is changed): weight name → its ``(node name, op type)`` readers.
+    Excluding any one reader keeps the weight float."""
     wo = WeightOnlyQuantize(config.weights, config.weight_format, excluder(config))
     wo.dry_run = True
-    ir.passes.PassManager([*canonical_passes(), wo])(ir_model)
+    ir.passes.PassManager([*canonical_passes(), wo])(model)
     return wo.readers
 
 

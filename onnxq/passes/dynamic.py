@@ -389,10 +389,9 @@ class DynamicQuantize(ir.passes.InPlacePass):
         rows = axis == 0
         key = (id(graph), f"{table.name}|{0 if rows else None}|{wplan.spec.dtype}|{wplan.spec.symmetric}")
         if key not in stored:
-            if rows:
-                stored[key] = self._store_rows(graph, namer, table, wplan)
-            else:
-                stored[key] = self._store_weight(graph, namer, table, wplan, False, 1.0, zero_point=True)
+            stored[key] = self._store_weight(
+                graph, namer, table, wplan, False, 1.0, zero_point=not rows, axis=0 if rows else None
+            )
         q, scale, zp = stored[key]
         if rows:
             dq = ir.node(
@@ -414,23 +413,6 @@ class DynamicQuantize(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(graph, node, [node], [gather, dq], node.outputs, dq.outputs)
 
     @staticmethod
-    def _store_rows(
-        graph: ir.Graph, namer: Namer, w: ir.Value, wplan: TensorPlan
-    ) -> tuple[ir.Value, ir.Value, ir.Value | None]:
-        """A 2-D table as integers with one scale (and zero point) per row."""
-        array = constant_array(w).astype(np.float32, copy=False)  # type: ignore[union-attr]
-        qtype = int_type(wplan.spec.dtype)
-        lo, hi = channel_range(array, 0)
-        scale, zp = scale_zero_point(lo, hi, qtype, wplan.spec.symmetric)
-        q = quantize(array, scale, zp, 0)
-        del array
-        release(w)
-        q_value = add_initializer(graph, namer(f"{w.name}_quantized"), q)
-        scale_value = add_initializer(graph, namer(f"{w.name}_scale"), scale.astype(np.float32))
-        zp_value = None if not np.any(zp) else add_initializer(graph, namer(f"{w.name}_zero_point"), zp)
-        return q_value, scale_value, zp_value
-
-    @staticmethod
     def _store_weight(
         graph: ir.Graph,
         namer: Namer,
@@ -439,11 +421,16 @@ class DynamicQuantize(ir.passes.InPlacePass):
         trans_b: bool,
         alpha: float,
         zero_point: bool = False,
+        axis: int | str | None = "plan",
     ) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        """``w`` as integers with its scale (times ``alpha``) and zero point (None when symmetric and
+        zero, unless ``zero_point``); per channel along ``axis`` (``"plan"``: the plan's, i.e. the
+        output channel of the ``[K, N]`` weight after ``trans_b``)."""
         array = constant_array(w).astype(np.float32, copy=False)  # type: ignore[union-attr]
         if trans_b:
             array = np.ascontiguousarray(array.T)
-        axis = None if wplan.axis is None else 1  # [K, N] after the transpose
+        if axis == "plan":
+            axis = None if wplan.axis is None else 1  # [K, N] after the transpose
         qtype = int_type(wplan.spec.dtype)
         lo, hi = channel_range(array, axis)
         scale, zp = scale_zero_point(lo, hi, qtype, wplan.spec.symmetric)
