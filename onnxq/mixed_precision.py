@@ -115,7 +115,7 @@ from onnxq.pipeline import (
     rewrite_passes,
 )
 from onnxq.plan import DATA_MOVEMENT_OPS, FLOAT_TYPES, OUTPUT_QUANTIZED_OPS, RULES, NodePlan, QuantPlan
-from onnxq.providers import CpuProvider, timed_runs
+from onnxq.providers import CPU_EP, timed_runs
 from onnxq.result import FloatNode, OutputFidelity, QuantizationSummary
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,11 @@ class MixedPrecision:
       ``diff_samples``: the first of them used to rank nodes.
     - ``refine``: after the prefix search, put back to 8 bits every chosen node the budget does
       not need, trying at most ``max_refine_trials`` nodes (the lowest-ranked first).
-    - ``measure_latency``: time fp32, base and final on ORT's CPU EP (``latency_rounds`` rounds).
+    - ``measure_latency``: time fp32, base and final on ORT's CPU EP (``latency_rounds`` rounds)
+      with ``latency_threads`` intra-op threads (``None``: ORT's default, one per physical core),
+      their spinning off unless ``latency_spinning`` (ORT's default is on). Set these as the
+      deployment will: at batch 1 an int8 model's kernels are small enough that a second thread
+      which must be woken per kernel can cost more than it gains.
     """
 
     min_cosine: float | None = None
@@ -168,6 +172,8 @@ class MixedPrecision:
     max_refine_trials: int = 8
     measure_latency: bool = True
     latency_rounds: int = 3
+    latency_threads: int | None = None
+    latency_spinning: bool = False
 
     def __post_init__(self) -> None:
         if self.min_cosine is None and self.min_sqnr_db is None and self.eval_fn is None:
@@ -188,9 +194,17 @@ class MixedPrecision:
             raise ConfigError("MixedPrecision(max_float_nodes=n) needs n >= 0")
         if self.max_refine_trials < 0:
             raise ConfigError("MixedPrecision(max_refine_trials=n) needs n >= 0")
+        if self.latency_threads is not None and self.latency_threads < 1:
+            raise ConfigError("MixedPrecision(latency_threads=n) needs n >= 1 (or None: ORT's default)")
         for name in ("eval_samples", "diff_samples", "latency_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MixedPrecision({name}=n) needs n >= 1")
+
+    def latency_setting(self) -> str:
+        """The ORT session setting latency is timed with, in words."""
+        n = self.latency_threads
+        threads = "ORT's default threads" if n is None else f"{n} thread{'s' if n > 1 else ''}"
+        return f"{threads}, spinning {'on' if self.latency_spinning else 'off'}"
 
     def describe(self) -> str:
         """The budget in words."""
@@ -221,6 +235,8 @@ class MixedPrecision:
                 "max_refine_trials",
                 "measure_latency",
                 "latency_rounds",
+                "latency_threads",
+                "latency_spinning",
             )
         }
 
@@ -352,7 +368,7 @@ class MixedPrecisionResult:
                 + (f" ({self.latency_ratio[k]:.3f}x fp32)" if k in self.latency_ratio else "")
                 for k, v in self.latency_ms.items()
             ]
-            lines.append("latency on ORT CPU EP: " + ", ".join(parts))
+            lines.append(f"latency on ORT CPU EP ({self.budget.latency_setting()}): " + ", ".join(parts))
         lines.append("trials:")
         for t in self.trials:
             lines.append(
@@ -434,13 +450,15 @@ def _output_metrics(path: Path, reference: _Reference) -> tuple[OutputFidelity, 
     return tuple(OutputFidelity(n, s.cosine(), s.sqnr_db(), s.max_err) for n, s in stats.items())
 
 
-def _latencies(paths: dict[str, Path], samples: Sequence[Sample], rounds: int) -> tuple[dict, dict]:
+def _latencies(
+    paths: dict[str, Path], samples: Sequence[Sample], budget: MixedPrecision
+) -> tuple[dict, dict]:
     """Median ms per model over interleaved rounds, and the median over rounds of each model's
-    time over fp32's in the same round."""
-    provider = CpuProvider()
-    sessions = {k: provider.make_session(p) for k, p in paths.items()}
+    time over fp32's in the same round, on ORT's CPU EP with the budget's latency setting."""
+    so = session_options(threads=budget.latency_threads, spinning=budget.latency_spinning)
+    sessions = {k: ort.InferenceSession(str(p), so, providers=[CPU_EP]) for k, p in paths.items()}
     per_round: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
+    for _ in range(budget.latency_rounds):
         for key, sess in sessions.items():
             names = [o.name for o in sess.get_outputs()]
             per_round[key].append(timed_runs(lambda s, sess=sess, names=names: sess.run(names, s), samples))
@@ -894,7 +912,7 @@ def quantize_mixed(
             latency_ms, latency_ratio = _latencies(
                 {"fp32": source, "base": base_path, "chosen": final_path},
                 eval_list[:LATENCY_SAMPLES],
-                budget.latency_rounds,
+                budget,
             )
         size_fp32 = _file_size(source)
         size_base = _file_size(base_path)

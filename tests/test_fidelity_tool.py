@@ -35,7 +35,16 @@ def test_cnn_fidelity_table(
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "fidelity.json"
-    argv = ["--models", "cnn", "--samples", "16", "--quantizers", "onnxq-default,ort-dynamic"]
+    argv = [
+        "--models",
+        "cnn",
+        "--samples",
+        "16",
+        "--quantizers",
+        "onnxq-default,ort-dynamic",
+        "--latency",
+        "1,2s",
+    ]
     assert _load_tool().main([*argv, "--json", str(out)]) == 0
 
     result = json.loads(out.read_text())["models"][0]
@@ -48,4 +57,8 @@ def test_cnn_fidelity_table(
     table = capsys.readouterr().out
     assert "| quantizer | top-1 | Δ vs fp32 (points) |" in table
     assert "| onnxq default | " in table
+    # --latency: one ratio per setting for every quantized model, none for the fp32 reference
+    assert "| latency ÷ fp32 (1 thread) | latency ÷ fp32 (2 threads, spinning) |" in table
+    assert all(rows[k]["metrics"]["latency 1"] > 0 for k in ("onnxq-default", "ort-dynamic"))
+    assert "latency 2s" in rows["onnxq-default"]["metrics"] and "latency 1" not in rows["fp32"]["metrics"]
     assert list(scratch.iterdir()) == []  # quantized models were written to a removed temp folder

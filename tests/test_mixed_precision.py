@@ -55,7 +55,7 @@ def cnn(model_path, calib_feeds):
 def cnn_between(cnn, tmp_path_factory):
     path, feeds = cnn
     out = tmp_path_factory.mktemp("amp") / "cnn.amp.onnx"
-    budget = MixedPrecision(min_cosine=BETWEEN, measure_latency=True, latency_rounds=1)
+    budget = MixedPrecision(min_cosine=BETWEEN, latency_rounds=1, latency_threads=1, latency_spinning=True)
     return quantize_mixed(path, feeds, budget, output=out, progress=False)
 
 
@@ -98,6 +98,7 @@ def test_between_budget_minimal_and_reproducible(cnn, cnn_between, tmp_path):
     assert all(c.reason.startswith(f"ranked {c.rank} of {len(ranked)}") for c in result.chosen)
     assert result.size_base < result.size_after <= result.size_fp32
     assert set(result.latency_ratio) == {"base", "chosen"} and result.latency_ms["fp32"] > 0
+    assert "latency on ORT CPU EP (1 thread, spinning on): fp32 " in result.to_text()
     # The trial file is what onnxq.quantize makes with the returned (serialisable) config.
     config = onnxq.QuantConfig.from_json(result.config.to_json())
     assert sorted(config.exclude_nodes) == sorted(escape_name(n) for n in chosen)
@@ -277,7 +278,9 @@ def test_budget_validation():
         MixedPrecision(min_cosine=0.9, fallback="bf16")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cannot be serialised"):
         MixedPrecision(eval_fn=lambda p: 0.0, max_drop=1.0).to_dict()
-    budget = MixedPrecision(min_cosine=0.99, max_float_nodes=3)
+    with pytest.raises(ConfigError, match="latency_threads"):
+        MixedPrecision(min_cosine=0.9, latency_threads=0)
+    budget = MixedPrecision(min_cosine=0.99, max_float_nodes=3, latency_threads=2)
     assert MixedPrecision.from_dict(budget.to_dict()) == budget
     assert escape_name("a[0]/b*?") == "a[[]0]/b[*][?]"
 

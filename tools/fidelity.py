@@ -47,6 +47,11 @@ Models (``--models``):
   ``cnn-digits-unbalanced``: same float function, hard for per-tensor weights; the case for
   ``--configs tools/configs/per-tensor-cle.json``). Same data and scoring as ``cnn``.
 
+``--latency 1,2,2s`` adds a column per setting: each quantized model's latency over fp32's on
+ORT's CPU EP (batch 1, the first 4 calibration samples cycled in blocks, median of 3 interleaved
+rounds), with N intra-op threads, without spinning or (``Ns``) with it, as ONNX Runtime does by
+default.
+
 Quantize time is the wall time of the quantizer call (onnxq's includes its own fidelity check on 8
 calibration samples; ORT static's includes ``quant_pre_process``). Sizes are of the written
 file(s), MB = 10^6 bytes. Tables (Markdown) go to stdout, progress to stderr.
@@ -66,6 +71,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -327,6 +333,45 @@ def session(path: Path, threads: int) -> Any:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+LATENCY_SAMPLES = 4  # the first calibration samples, as quantize_mixed times its models
+LATENCY_ROUNDS = 3
+
+
+def latency_session(path: Path, setting: str) -> Any:
+    """An ORT CPU session for a ``--latency`` setting: ``N`` intra-op threads without spinning, or
+    ``Ns`` with spinning (ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    spin = setting.endswith("s")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(setting[:-1] if spin else setting)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency_ratios(fp32: Path, model: Path, samples: list[Feed], settings: list[str]) -> dict[str, float]:
+    """Per setting: the median over interleaved rounds of ``model``'s block time over fp32's in the
+    same round (batch 1, ``timed_runs`` over ``samples``)."""
+    from onnxq.providers import timed_runs
+
+    ratios = {}
+    for setting in settings:
+        sessions = [latency_session(p, setting) for p in (fp32, model)]
+        per_round: list[list[float]] = [[], []]
+        for _ in range(LATENCY_ROUNDS):
+            for times, sess in zip(per_round, sessions, strict=True):
+                names = [o.name for o in sess.get_outputs()]
+                times.append(
+                    timed_runs(lambda x, sess=sess, names=names: sess.run(names, _select(x, sess)), samples)
+                )
+        ratios[f"latency {setting}"] = statistics.median(
+            q / f for q, f in zip(per_round[1], per_round[0], strict=True)
+        )
+        del sessions
+    return ratios
 
 
 def _select(feed: Feed, sess: Any, index: int = 0) -> Feed:
@@ -698,6 +743,9 @@ def run_contender(task: Task, contender: Contender, fp32: Path, calib: list[Feed
         t0 = time.perf_counter()
         row.metrics = task.evaluate(path, fp32=contender.quantize is None)
         row.eval_s = time.perf_counter() - t0
+        if task.args.latency and contender.quantize is not None:
+            stage = "latency"
+            row.metrics.update(latency_ratios(fp32, path, calib[:LATENCY_SAMPLES], task.args.latency))
         log.info(
             "%s/%s: %s (quantize %s s, eval %.1f s)",
             task.name,
@@ -764,16 +812,27 @@ def _fmt(value: float | None, spec: str) -> str:
     return f"{value:{spec}}"
 
 
+def _setting_label(key: str) -> str:
+    setting = key.removeprefix("latency ")
+    threads = setting.rstrip("s")
+    return f"{threads} thread{'s' if threads != '1' else ''}" + (
+        ", spinning" if setting.endswith("s") else ""
+    )
+
+
 def render_table(result: ModelResult, task_cls: type[Task]) -> str:
     """The Markdown table of one model."""
-    header = ["quantizer", *(c[0] for c in task_cls.columns), "quantize (s)", "eval (s)", "size (MB)"]
+    columns = list(task_cls.columns)
+    settings = dict.fromkeys(k for row in result.rows for k in row.metrics if k.startswith("latency "))
+    columns += [(f"latency ÷ fp32 ({_setting_label(k)})", k, ".3f") for k in settings]
+    header = ["quantizer", *(c[0] for c in columns), "quantize (s)", "eval (s)", "size (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in result.rows:
         if row.error:
             error = row.error.replace("|", "\\|").replace("`", "'")
-            cells = [row.label, f"**{error}**", *["—"] * (len(task_cls.columns) - 1)]
+            cells = [row.label, f"**{error}**", *["—"] * (len(columns) - 1)]
         else:
-            cells = [row.label, *(_fmt(row.metrics.get(k), f) for _, k, f in task_cls.columns)]
+            cells = [row.label, *(_fmt(row.metrics.get(k), f) for _, k, f in columns)]
         size = row.size / MB if row.size else None
         cells += [_fmt(row.quantize_s, ".1f"), _fmt(row.eval_s, ".1f"), _fmt(size, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -793,6 +852,14 @@ def render_notes(result: ModelResult) -> str:
         if extra:
             notes.append(f"- {row.label}: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
     return "\n".join(notes)
+
+
+def _latency_settings(text: str) -> list[str]:
+    settings = [t.strip() for t in text.split(",") if t.strip()]
+    for t in settings:
+        if not t.rstrip("s").isdigit() or int(t.rstrip("s")) < 1 or t.count("s") > 1:
+            raise argparse.ArgumentTypeError(f"{t!r}: a setting is N or Ns (N threads, s: spinning)")
+    return settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -822,6 +889,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "onnxq-amp times latency on them",
     )
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for evaluation")
+    p.add_argument(
+        "--latency",
+        type=_latency_settings,
+        default=[],
+        metavar="SETTINGS",
+        help="also time every quantized model against fp32 (batch 1, the first 4 calibration samples, "
+        "median of 3 interleaved rounds) under each comma-separated ORT CPU setting: N intra-op "
+        "threads without spinning, Ns with spinning (ORT's default), e.g. 1,2,2s",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of splits and calibration picks")
     p.add_argument("--amp-points", type=float, default=0.1, help="onnxq-amp: max accuracy drop (points)")
     p.add_argument("--amp-ppl-pct", type=float, default=3.0, help="onnxq-amp: smollm2 ppl rise (%%)")

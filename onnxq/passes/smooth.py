@@ -19,7 +19,9 @@ from per-channel mean squares) goes down.
 Float channels (main graph only): the few channels :func:`float_channels` picks are computed by a
 float ``Gather(X, c, axis=-1) → MatMul(·, diag(s) W[c]) → Add`` beside each quantized MatMul,
 whose weight rows ``c`` become zero; their ``s_c`` places them inside the range of the other
-channels, so they widen nothing. The ``Add`` takes the MatMul output's name (the plan's name for
+channels, so they widen nothing. Where no other channel is smoothed there is no ``Mul``: ``X`` is
+quantized with its other channels' range, and the float channels saturate, which their zero
+weight rows make harmless. The ``Add`` takes the MatMul output's name (the plan's name for
 it); the quantized MatMul's own output is renamed.
 """
 
@@ -140,8 +142,8 @@ def find_body_candidates(bodies: list[BodyPlan]) -> dict[str, BodyCandidate]:
 @dataclass(frozen=True)
 class Smoothing:
     """What SmoothQuant chose for one activation: the factors ``s`` (``X / s`` is quantized), the α
-    they came from (``None``: no smoothing, only float channels) and the channels computed in
-    float (ascending indices, possibly none)."""
+    they came from (``None``: no smoothing, only float channels, and ``s`` all ones) and the
+    channels computed in float (ascending indices, possibly none)."""
 
     s: np.ndarray
     alpha: float | None
@@ -259,8 +261,9 @@ def choose_scale(
         s_kept, alpha_kept, err_kept = _best_alpha(kept, abs_w[keep], sq_w[keep], act, per_channel, config)
         if err > config.float_channel_gain * err_kept:
             s = np.ones_like(a)
-            s[keep] = s_kept
-            s[outliers] = _inside(st, outliers, *smoothed_range(kept, s_kept))
+            if alpha_kept is not None:
+                s[keep] = s_kept
+                s[outliers] = _inside(st, outliers, *smoothed_range(kept, s_kept))
             return Smoothing(s, alpha_kept, outliers)
     return Smoothing(s, alpha, np.zeros(0, dtype=np.int64)) if alpha is not None else None
 
@@ -573,11 +576,19 @@ class SmoothActivations(ir.passes.InPlacePass):
             s, alpha, channels = choice.s, choice.alpha, choice.float_channels
             x = cand.nodes[0].inputs[0]
             assert x is not None
-            for weight in cand.weights:
-                _scale_rows(weight, s, self.spill)
             what = f"alpha {alpha:.2f}" if alpha is not None else "not smoothed"
             if channels.size:
                 what += f", {channels.size} channels in float"
+            if alpha is None:
+                # Only float channels: no Mul. X is quantized with the other channels' range, the
+                # float channels saturate, and their weight rows (zero) make that harmless.
+                keep = np.ones(s.size, dtype=bool)
+                keep[channels] = False
+                self.ranges[name] = smoothed_range(_subset(self.stats[name], keep), s[keep])
+                log.info("%s: %s, quantized with the other channels' range", name, what)
+                continue
+            for weight in cand.weights:
+                _scale_rows(weight, s, self.spill)
             folded = fold_into_producer(graph, namer, x, cand.nodes, s, self.spill)
             if folded is not None:
                 self.ranges[name] = smoothed_range(self.stats[name], s)

@@ -547,3 +547,40 @@ def test_diff_compares_the_complete_output_of_a_matmul_with_float_channels() -> 
         assert (layer.node, layer.op_type) == (mm, "MatMul")
         assert layer.sqnr_db > 30.0, layer
     assert not [x for x in report.layers if x.tensor.endswith("_quantized")]
+
+
+def test_float_channels_without_smoothing_add_no_mul() -> None:
+    """When only float channels are taken (no other channel worth smoothing, here
+    ``min_outlier_ratio`` out of reach) and ``h`` has no producer to fold into, no ``Mul`` is added:
+    ``h`` is quantized with its other channels' exact range and the massive channel saturates,
+    harmless since its int8 weight rows are zero. The output stays as close to fp32 as with the
+    channel scaled into range."""
+    rng = np.random.default_rng(3)
+    inits = {
+        "W1": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32),
+        "W2": (rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"], name="act"),
+        helper.make_node("MatMul", ["h", "W1"], ["y1"], name="mm1"),
+        helper.make_node("MatMul", ["h", "W2"], ["y2"], name="mm2"),
+        helper.make_node("Add", ["y1", "y2"], ["out"], name="sum"),
+    ]
+    proto = make_model(
+        nodes, [tensor_info("x", shape=[1, S, K])], [tensor_info("out", shape=[1, S, K])], inits
+    )
+    calib, held = feeds_massive(32, 4), feeds_massive(16, 5)
+    config = QuantConfig(smoothing=SmoothQuant(min_outlier_ratio=1e6))
+    result = onnxq.quantize(proto, calib, config=config, progress=False)
+    assert result.summary.float_channels == {"h": 1} and not result.summary.smoothed
+    out = ir.to_proto(result.model)
+    ops = [n.op_type for n in out.graph.node]
+    assert "Mul" not in ops and ops.count("Gather") == 1
+    (q,) = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "h"]
+    scale = float(numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == q.input[1])))
+    relu = np.concatenate([np.maximum(f["x"], 0).reshape(-1, K) for f in calib])
+    others = np.delete(relu, MASSIVE, axis=1)
+    assert scale == pytest.approx(float(others.max()) / 255, rel=1e-6)
+    want = np.concatenate([run(proto, f)[0].ravel() for f in held])
+    got = np.concatenate([run(out, f)[0].ravel() for f in held])
+    assert metrics.sqnr_db(want, got) > 60.0  # measured 85.7 dB
