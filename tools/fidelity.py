@@ -354,23 +354,24 @@ def latency_session(path: Path, setting: str) -> Any:
 
 def latency_ratios(fp32: Path, model: Path, samples: list[Feed], settings: list[str]) -> dict[str, float]:
     """Per setting: the median over interleaved rounds of ``model``'s block time over fp32's in the
-    same round (batch 1, ``timed_runs`` over ``samples``)."""
+    same round (batch 1, ``timed_runs`` over ``samples``). Each block gets a fresh session, released
+    after it, so no other session's threads are awake (spinning) while a model is timed."""
     from onnxq.providers import timed_runs
 
     ratios = {}
     for setting in settings:
-        sessions = [latency_session(p, setting) for p in (fp32, model)]
         per_round: list[list[float]] = [[], []]
         for _ in range(LATENCY_ROUNDS):
-            for times, sess in zip(per_round, sessions, strict=True):
+            for times, path in zip(per_round, (fp32, model), strict=True):
+                sess = latency_session(path, setting)
                 names = [o.name for o in sess.get_outputs()]
                 times.append(
                     timed_runs(lambda x, sess=sess, names=names: sess.run(names, _select(x, sess)), samples)
                 )
+                del sess
         ratios[f"latency {setting}"] = statistics.median(
             q / f for q, f in zip(per_round[1], per_round[0], strict=True)
         )
-        del sessions
     return ratios
 
 
