@@ -352,13 +352,16 @@ def latency_session(path: Path, setting: str) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def latency_ratios(fp32: Path, model: Path, samples: list[Feed], settings: list[str]) -> dict[str, float]:
+def latency_ratios(
+    fp32: Path, model: Path, samples: list[Feed], settings: list[str]
+) -> tuple[dict[str, float], dict[str, str]]:
     """Per setting: the median over interleaved rounds of ``model``'s block time over fp32's in the
-    same round (batch 1, ``timed_runs`` over ``samples``). Each block gets a fresh session, released
-    after it, so no other session's threads are awake (spinning) while a model is timed."""
+    same round (batch 1, ``timed_runs`` over ``samples``), and both medians in ms (a note). Each
+    block gets a fresh session, released after it, so no other session's threads are awake
+    (spinning) while a model is timed."""
     from onnxq.providers import timed_runs
 
-    ratios = {}
+    ratios, ms = {}, {}
     for setting in settings:
         per_round: list[list[float]] = [[], []]
         for _ in range(LATENCY_ROUNDS):
@@ -372,7 +375,9 @@ def latency_ratios(fp32: Path, model: Path, samples: list[Feed], settings: list[
         ratios[f"latency {setting}"] = statistics.median(
             q / f for q, f in zip(per_round[1], per_round[0], strict=True)
         )
-    return ratios
+        f, q = (statistics.median(t) for t in per_round)
+        ms[f"latency_ms {setting}"] = f"fp32 {f:.2f}, this {q:.2f}"
+    return ratios, ms
 
 
 def _select(feed: Feed, sess: Any, index: int = 0) -> Feed:
@@ -746,7 +751,9 @@ def run_contender(task: Task, contender: Contender, fp32: Path, calib: list[Feed
         row.eval_s = time.perf_counter() - t0
         if task.args.latency and contender.quantize is not None:
             stage = "latency"
-            row.metrics.update(latency_ratios(fp32, path, calib[:LATENCY_SAMPLES], task.args.latency))
+            ratios, ms = latency_ratios(fp32, path, calib[:LATENCY_SAMPLES], task.args.latency)
+            row.metrics.update(ratios)
+            row.notes.update(ms)
         log.info(
             "%s/%s: %s (quantize %s s, eval %.1f s)",
             task.name,
