@@ -123,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     amp.add_argument(
         "--eval-samples", type=int, metavar="N", help="calibration samples the budget is checked on (16)"
     )
+    amp.add_argument(
+        "--latency-threads",
+        type=int,
+        metavar="N",
+        help="time the report's latency with N ORT intra-op threads (default: ORT's, one per core)",
+    )
+    amp.add_argument(
+        "--latency-spinning",
+        action="store_const",
+        const=True,
+        help="time it with spinning threads (ORT's default; off by default here)",
+    )
 
     i = sub.add_parser("inspect", help="opset, inputs, outputs, op histogram, and the quantization plan")
     i.add_argument("model")
@@ -242,7 +254,8 @@ def _budget(args: argparse.Namespace) -> MixedPrecision | None:
     from onnxq.mixed_precision import MixedPrecision
 
     if args.min_cosine is None and args.min_sqnr is None:
-        given = [f for f in ("fallback", "max_float_nodes", "eval_samples") if getattr(args, f) is not None]
+        options = ("fallback", "max_float_nodes", "eval_samples", "latency_threads", "latency_spinning")
+        given = [f for f in options if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ConfigError(f"{flags} only apply to mixed precision: add --min-cosine or --min-sqnr")
@@ -253,6 +266,8 @@ def _budget(args: argparse.Namespace) -> MixedPrecision | None:
         min_sqnr_db=args.min_sqnr,
         fallback=args.fallback or "float",
         max_float_nodes=args.max_float_nodes,
+        latency_threads=args.latency_threads,
+        latency_spinning=bool(args.latency_spinning),
         **extra,
     )
 

@@ -93,6 +93,11 @@ def test_quantize_options_reach_the_config(calib_npz, tmp_path, capsys) -> None:
             "fallback='float'",
         ),
         (["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "2"], "min_cosine"),
+        (["quantize", "{model}", "--calib", "{npz}", "--latency-spinning"], "--latency-spinning only apply"),
+        (
+            ["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "0.9", "--latency-threads", "0"],
+            "latency_threads",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(calib_npz, tmp_path, capsys, argv, needle) -> None:
@@ -207,11 +212,14 @@ def test_min_cosine_runs_mixed_precision(calib_npz, tmp_path, capsys) -> None:
         "--quiet",
         "--min-cosine",
         f"{target:.9f}",
+        "--latency-threads",
+        "1",
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "budget output cosine >=" in text and ": MET with" in text
-    assert "nodes kept in float:" in text and "latency on ORT CPU EP" in text and "size: fp32" in text
+    assert "nodes kept in float:" in text and "latency on ORT CPU EP (1 thread, spinning off)" in text
+    assert "size: fp32" in text
     assert f"written: {out}" in text
     api = quantize_mixed(
         model,
