@@ -336,6 +336,7 @@ class MixedPrecisionResult:
             "size_after": self.size_after,
             "latency_ms": dict(self.latency_ms),
             "latency_ratio": dict(self.latency_ratio),
+            "latency_setting": self.budget.latency_setting() if self.latency_ms else None,
             "config": self.config.to_dict() if self.config.exclude_if is None else None,
             "notes": list(self.notes),
         }

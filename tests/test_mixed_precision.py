@@ -99,6 +99,7 @@ def test_between_budget_minimal_and_reproducible(cnn, cnn_between, tmp_path):
     assert result.size_base < result.size_after <= result.size_fp32
     assert set(result.latency_ratio) == {"base", "chosen"} and result.latency_ms["fp32"] > 0
     assert "latency on ORT CPU EP (1 thread, spinning on): fp32 " in result.to_text()
+    assert result.to_dict()["latency_setting"] == "1 thread, spinning on"
     # The trial file is what onnxq.quantize makes with the returned (serialisable) config.
     config = onnxq.QuantConfig.from_json(result.config.to_json())
     assert sorted(config.exclude_nodes) == sorted(escape_name(n) for n in chosen)
