@@ -547,7 +547,7 @@ def calibrate(
                 del values
             del named
     except SampleFailed as exc:
-        raise CalibrationDataError(f"calibration sample {exc.index} failed in ONNX Runtime: {exc}") from None
+        raise exc.calibration_error() from None
     finally:
         bar.close()
     release_freed_memory()

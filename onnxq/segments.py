@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.errors import OutputError
+from onnxq.errors import CalibrationDataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class SegmentRunner:
             fetch = [o.name for o in self.model.graph.output]
             try:
                 for i, sample in enumerate(samples):
-                    yield i, dict(zip(fetch, _run(session, fetch, sample, i), strict=True))
+                    yield i, dict(zip(fetch, run_sample(session, fetch, sample, i), strict=True))
             finally:
                 del session
             return
@@ -359,7 +359,9 @@ class SegmentRunner:
                         for name in later & feed.keys():
                             store.put(i, name, feed[name])
                         feed = {n: feed[n] for n in segment.inputs if n in feed}
-                    named = dict(zip(fetch, _run(session, fetch, feed, i), strict=True)) if fetch else {}
+                    named = (
+                        dict(zip(fetch, run_sample(session, fetch, feed, i), strict=True)) if fetch else {}
+                    )
                     for name in later & named.keys():
                         store.put(i, name, named[name])
                     yield i, {n: a for n, a in named.items() if n in self.graph_outputs}
@@ -399,8 +401,13 @@ class SampleFailed(RuntimeError):
         super().__init__(message)
         self.index = index
 
+    def calibration_error(self) -> CalibrationDataError:
+        """The user's error: which calibration sample ONNX Runtime rejected, and why."""
+        return CalibrationDataError(f"calibration sample {self.index} failed in ONNX Runtime: {self}")
 
-def _run(session, fetch: list[str], feed: dict[str, np.ndarray], index: int) -> list[np.ndarray]:
+
+def run_sample(session, fetch: list[str], feed: dict[str, np.ndarray], index: int) -> list[np.ndarray]:
+    """``session.run(fetch, feed)``; ORT's error becomes :class:`SampleFailed` (one line, ``index``)."""
     try:
         return session.run(fetch, feed)
     except Exception as exc:

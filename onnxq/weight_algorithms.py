@@ -97,7 +97,7 @@ from onnxq.config import AWQ, GPTQ, QuantConfig, QuantSpec
 from onnxq.errors import CalibrationDataError
 from onnxq.lowbit import WEIGHT_TYPES, WeightType, dequantize_blocks, quantize_blocks
 from onnxq.passes._util import Namer, add_float_channels, release
-from onnxq.segments import ActivationStore
+from onnxq.segments import ActivationStore, SampleFailed, run_sample
 
 log = logging.getLogger(__name__)
 
@@ -324,11 +324,9 @@ def collect_statistics(
         if seen < capture_samples:
             fetch += [n for n in extra if n not in fetch]
         try:
-            outputs = dict(zip(fetch, session.run(fetch, sample), strict=True)) if fetch else {}
-        except Exception as exc:
-            raise CalibrationDataError(
-                f"calibration sample {seen} failed in ONNX Runtime: {str(exc).splitlines()[0]}"
-            ) from None
+            outputs = dict(zip(fetch, run_sample(session, fetch, sample, seen), strict=True)) if fetch else {}
+        except SampleFailed as exc:
+            raise exc.calibration_error() from None
         if len(kept_in) < keep:
             kept_in.append(sample)
             kept_out.append({n: outputs[n] for n in model_outputs})
@@ -647,8 +645,6 @@ def layer_by_layer(
 
     from onnxq.calibrate import _Augment, proto_for_ort, release_freed_memory, segment_opener
     from onnxq.segments import (
-        SampleFailed,
-        _run,
         node_reads,
         segment_model,
         segment_types,
@@ -713,7 +709,7 @@ def layer_by_layer(
                     feed = {n: feed[n] for n in seg.inputs if n in feed}
                     cached.append((i, feed))
                 if fp32 is not None:
-                    for name, x in zip(stat_fetch, _run(fp32, stat_fetch, feed, i), strict=True):
+                    for name, x in zip(stat_fetch, run_sample(fp32, stat_fetch, feed, i), strict=True):
                         fold(name, x, i)
             del fp32
             # pass 2: this segment's weights quantized, outputs for the segments after it
@@ -734,7 +730,7 @@ def layer_by_layer(
                     else ((i, {n: store.get(i, n) for n in seg.inputs}) for i in range(count))
                 )
                 for i, feed in feeds:
-                    for name, x in zip(hand_on, _run(quantized, hand_on, feed, i), strict=True):
+                    for name, x in zip(hand_on, run_sample(quantized, hand_on, feed, i), strict=True):
                         store.put(i, name, x)
                 del quantized
             cached = []
@@ -742,7 +738,7 @@ def layer_by_layer(
             release_freed_memory()
             bar.update(1)
     except SampleFailed as exc:
-        raise CalibrationDataError(f"calibration sample {exc.index} failed in ONNX Runtime: {exc}") from None
+        raise exc.calibration_error() from None
     finally:
         bar.close()
         store.close()
@@ -1031,9 +1027,9 @@ class BlockLoss:
             proto.SerializeToString(), session_options(calibration=True), providers=["CPUExecutionProvider"]
         )
         self.dtypes = {n: (targets[n].value.dtype or ir.DataType.FLOAT).numpy() for n in names}
-        self.reference = [self._run(i, {}) for i in self.samples]
+        self.reference = [self.run_sample(i, {}) for i in self.samples]
 
-    def _run(self, i: int, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_sample(self, i: int, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         feed = {n: self.store.get(i, n) for n in self.inputs}
         for n in self.names:
             t = self.targets[n]
@@ -1049,7 +1045,7 @@ class BlockLoss:
         given = dict(zip(self.names, weights, strict=True))
         err = size = 0.0
         for i, ref in zip(self.samples, self.reference, strict=True):
-            for out, r in zip(self._run(i, given), ref, strict=True):
+            for out, r in zip(self.run_sample(i, given), ref, strict=True):
                 err += float(np.sum(np.square(out - r, dtype=np.float64)))
                 size += r.size
         return err / max(size, 1.0)
@@ -1478,7 +1474,7 @@ def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
     """The fp32 model's outputs on ``inputs`` (run segment by segment), for the fidelity check."""
 
     from onnxq.calibrate import KEEP_BYTES, proto_for_ort, segment_opener
-    from onnxq.segments import SampleFailed, SegmentRunner
+    from onnxq.segments import SegmentRunner
 
     if not inputs:
         return [], []
@@ -1489,7 +1485,7 @@ def _fp32_references(model: ir.Model, inputs: list) -> tuple[list, list]:
         for index, named in SegmentRunner(proto, segment_opener(folder)).run(inputs):
             outputs.setdefault(index, {}).update(named)
     except SampleFailed as exc:
-        raise CalibrationDataError(f"calibration sample {exc.index} failed in ONNX Runtime: {exc}") from None
+        raise exc.calibration_error() from None
     kept, total = [], 0
     for i in sorted(outputs):
         if kept and total >= KEEP_BYTES:

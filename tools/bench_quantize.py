@@ -284,8 +284,7 @@ def _quantize_onnxq(
         weights = onnxq.QuantSpec("int8", True, onnxq.PerTensor())
         config = onnxq.QuantConfig(weights=weights)
         if method == "CLE-BC":
-            config = onnxq.QuantConfig(
-                weights=weights,
+            config = config.with_changes(
                 equalization=onnxq_config.CrossLayerEqualization(),
                 bias_correction=onnxq_config.BiasCorrection(),
             )

@@ -324,13 +324,13 @@ def model_size(path: Path) -> int:
     return total + sum((path.parent / loc).stat().st_size for loc in locations)
 
 
-def session(path: Path, threads: int) -> Any:
-    """An ORT CPU session with ``threads`` intra-op threads and no spinning."""
+def session(path: Path, threads: int, spinning: bool = False) -> Any:
+    """An ORT CPU session with ``threads`` intra-op threads, spinning only if asked."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -342,14 +342,7 @@ LATENCY_ROUNDS = 3
 def latency_session(path: Path, setting: str) -> Any:
     """An ORT CPU session for a ``--latency`` setting: ``N`` intra-op threads without spinning, or
     ``Ns`` with spinning (ONNX Runtime's default)."""
-    import onnxruntime as ort
-
-    spin = setting.endswith("s")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(setting[:-1] if spin else setting)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, int(setting.rstrip("s")), spinning=setting.endswith("s"))
 
 
 def latency_ratios(

@@ -61,7 +61,7 @@ import onnx_ir as ir
 from onnxq.calibrate import CalibrationResult, make_session, session_options
 from onnxq.config import DYNAMIC_ACTIVATIONS, PerTensor, QuantConfig, QuantSpec
 from onnxq.data import Sample
-from onnxq.errors import CalibrationDataError, ConfigError
+from onnxq.errors import ConfigError
 from onnxq.passes._util import Namer, add_initializer, constant_array, release
 from onnxq.passes.cleanup import Cleanup
 from onnxq.plan import (
@@ -75,6 +75,7 @@ from onnxq.plan import (
     from_integers,
 )
 from onnxq.qmath import channel_range, int_type, quantize, scale_zero_point
+from onnxq.segments import SampleFailed, run_sample
 
 Form = Literal["integer", "qdq"]
 INTEGER: Form = "integer"
@@ -257,13 +258,11 @@ def dynamic_references(model: ir.Model, samples: Iterable[Sample], keep: int) ->
     if kept:
         session = make_session(model, session_options())
         names = [o.name for o in session.get_outputs()]
-        for index, sample in enumerate(kept):
-            try:
-                outputs.append(dict(zip(names, session.run(names, sample), strict=True)))
-            except Exception as exc:  # ORT's own errors (wrong shapes, values out of range)
-                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                message = f"calibration sample {index} failed in ONNX Runtime: {why}"
-                raise CalibrationDataError(message) from None
+        try:
+            for index, sample in enumerate(kept):
+                outputs.append(dict(zip(names, run_sample(session, names, sample, index), strict=True)))
+        except SampleFailed as exc:  # ORT's own errors (wrong shapes, values out of range)
+            raise exc.calibration_error() from None
     return CalibrationResult({}, seen, kept_inputs=kept, kept_outputs=outputs)
 
 
