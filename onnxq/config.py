@@ -189,7 +189,7 @@ class AWQ:
     the group's own outputs on the sampled rows; ``"block"`` (as the AWQ paper and AutoAWQ do)
     the output of the block the group feeds (q/k/v → the attention's output projection, gate/up
     → the MLP's down projection; found in the graph, see
-    :func:`onnxq.weight_algorithms.find_block_regions`), run by ONNX Runtime on the first
+    :func:`onnxq.awq.find_block_regions`), run by ONNX Runtime on the first
     ``loss_samples`` calibration samples whole (groups without such a block — o, down, lm_head —
     keep their own outputs). ``sequential``: search layer by layer, each layer on the outputs of
     the quantized layers before it (as GPTQ's default; ``loss="layer"`` only; not inside

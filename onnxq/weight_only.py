@@ -221,9 +221,9 @@ def _fp32_outputs(ir_model: ir.Model, samples) -> tuple[list, list]:
     segment by segment like calibration (:mod:`onnxq.segments`), so a big model is never loaded
     whole; decoder logits (~100 MB a sample) keep the number of samples kept small."""
     from onnxq.pipeline import FIDELITY_SAMPLES
-    from onnxq.weight_algorithms import _fp32_references
+    from onnxq.weight_algorithms import fp32_references
 
-    return _fp32_references(ir_model, list(itertools.islice(samples, FIDELITY_SAMPLES)))
+    return fp32_references(ir_model, list(itertools.islice(samples, FIDELITY_SAMPLES)))
 
 
 __all__ = ["is_weight_only", "quantize_weight_only", "quantized_weights", "required_opset"]

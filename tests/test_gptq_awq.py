@@ -1,4 +1,4 @@
-"""GPTQ and AWQ weight-only quantization (onnxq.weight_algorithms)."""
+"""GPTQ and AWQ weight-only quantization (onnxq.weight_algorithms, onnxq.gptq, onnxq.awq)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from onnx import numpy_helper
 import models
 import onnxq
 from onnxq import AWQ, GPTQ, CalibrationDataError, ConfigError, QuantConfig
+from onnxq.gptq import gptq_quantize
 from onnxq.lowbit import WEIGHT_TYPES, dequantize_blocks, quantize_blocks
-from onnxq.weight_algorithms import ActivationStats, gptq_quantize
+from onnxq.weight_stats import ActivationStats
 from tests.helpers import counted, matmul_model
 
 
@@ -281,14 +282,9 @@ def test_awq_block_regions_reach_the_next_projection(llama) -> None:
     lm_head have none. The block loss is zero for the fp32 weights and grows with their error."""
     import onnx_ir as ir
 
+    from onnxq.awq import BlockLoss, awq_groups, find_block_regions
     from onnxq.segments import ActivationStore
-    from onnxq.weight_algorithms import (
-        BlockLoss,
-        awq_groups,
-        collect_statistics,
-        find_block_regions,
-        find_targets,
-    )
+    from onnxq.weight_stats import collect_statistics, find_targets
 
     fp32, feeds = llama
     model = ir.load(str(fp32))
@@ -321,7 +317,8 @@ def test_awq_block_regions_of_gpt2_skip_shape_arithmetic() -> None:
     does not follow Shape, so it ends at c_proj instead of running into the next LayerNorm."""
     import onnx_ir as ir
 
-    from onnxq.weight_algorithms import awq_groups, find_block_regions, find_targets
+    from onnxq.awq import awq_groups, find_block_regions
+    from onnxq.weight_stats import find_targets
 
     model = ir.load(str(models.build("tiny-gpt2")))
     targets = find_targets(model)
@@ -392,7 +389,7 @@ def test_config_round_trip_and_errors() -> None:
 
 
 def test_float_rows_as_a_fraction_of_k() -> None:
-    from onnxq.weight_algorithms import choose_float_rows
+    from onnxq.weight_stats import choose_float_rows
 
     energy = np.arange(1536, dtype=np.float64)
     assert len(choose_float_rows(energy, 0.04)) == 61  # round(0.04 * 1536)

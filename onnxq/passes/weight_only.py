@@ -229,7 +229,7 @@ class WeightOnlyQuantize(ir.passes.InPlacePass):
         self.skipped: dict[str, str] = {}  # weight → reason
         self.largest_weight = 0
         # Optional hook (name, w, wtype, axis, block, symmetric) -> (q, scale, zero_point) | None that
-        # replaces round-to-nearest for MatMul/Gemm weights (GPTQ: onnxq.weight_algorithms).
+        # replaces round-to-nearest for MatMul/Gemm weights (GPTQ: onnxq.gptq).
         self.precomputed = None
         # Optional file the quantized weights are written to as they are made (then held as
         # file-backed tensors): memory holds one weight at a time however big the model.
