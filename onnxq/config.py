@@ -803,6 +803,11 @@ def _check_weight_only(config: QuantConfig) -> None:
         )
     if config.activations is None and config.smoothing is not None:
         raise ConfigError("SmoothQuant needs calibrated activations; use smoothing=None for weight-only")
+    if config.activations is None and config.equalization is not None:
+        raise ConfigError(
+            "CrossLayerEqualization() balances Conv/Gemm chains for 8-bit per-tensor weights of static "
+            "or dynamic quantization; use equalization=None for weight-only"
+        )
     _check_algorithm(config)
 
 

@@ -10,8 +10,10 @@ fp32 model's score.
 Algorithm (deterministic: the same inputs give the same nodes and a byte-identical file):
 
 1. **calibrate once**: the model is prepared and planned with the base config and calibrated in one
-   streaming pass (bounded memory, as ``onnxq.quantize``); the ranges, and the per-channel
-   statistics SmoothQuant needs, are kept. Keeping a node in float only *removes* tensors from the
+   streaming pass (bounded memory, as ``onnxq.quantize``); the ranges, the per-channel
+   statistics SmoothQuant needs and the input means of bias correction are kept (a base with
+   cross-layer equalization is equalized before the plan, in the calibration and every trial,
+   as ``onnxq.quantize`` does). Keeping a node in float only *removes* tensors from the
    plan, so every later quantization reuses these ranges instead of running calibration again: a
    trial costs a prepare, a rewrite, a save and the budget evaluation. A trial's file is
    byte-identical to ``onnxq.quantize(model, calib, config=result.config)`` (``tests/
@@ -90,8 +92,10 @@ from onnxq.diff import DiffReport, diff
 from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
 from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
+from onnxq.passes.bias_correction import BiasStatistics, CorrectBias
 from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
 from onnxq.passes.dynamic import dynamic_passes
+from onnxq.passes.equalize import equalize_model
 from onnxq.passes.smooth import (
     SmoothActivations,
     Smoothing,
@@ -492,6 +496,8 @@ class _Builder:
             self.min_opset = max(self.min_opset, OPSET_16BIT)
         self.count = 0
         self.base_plan: QuantPlan | None = None
+        # bias correction: corrected node -> (its input-mean tensor, axis), from the base plan
+        self.bias_inputs: dict[str, tuple[str, int]] = {}
 
     def prepared(self, notes: list[str] | None = None) -> ir.Model:
         model = load_model(self.source)
@@ -502,6 +508,8 @@ class _Builder:
             return model
         self.declared = declared_types(model)
         prepare_model(model, self.min_opset, self.rules, self.first, notes)
+        if self.base.equalization is not None:  # as quantize does: data-free, before the plan
+            equalize_model(model, self.base.equalization, notes)
         return model
 
     @property
@@ -532,6 +540,10 @@ class _Builder:
         # nodes), with their ranges and SmoothQuant statistics keyed by body label: every trial
         # loads the model afresh, so its bodies are other objects.
         in_bodies = find_body_candidates(plan.bodies) if self.base.smoothing is not None else {}
+        # Bias correction's input means, for every node the base plan quantizes: a trial corrects
+        # those it still quantizes, from the same fp32 statistics quantize gathers.
+        bc = self.base.bias_correction
+        bc_stats = BiasStatistics(model, plan, bc) if bc is not None else None
         self.calibration = calibrate(
             model,
             tensors,
@@ -541,9 +553,13 @@ class _Builder:
             keep=0,
             progress=False,
             channels=channels,
+            means=bc_stats.tensors if bc_stats is not None else None,
             bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
             body_channels=body_channels(in_bodies),
         )
+        if bc_stats is not None:
+            bc_stats.remove()
+            self.bias_inputs = bc_stats.inputs
         labels = {id(b.graph): b.label for b in plan.bodies}
         self.body_ranges = {labels[k]: v for k, v in self.calibration.body_ranges.items()}
         self.body_stats = {labels[k]: v for k, v in self.calibration.body_channels.items()}
@@ -598,11 +614,14 @@ class _Builder:
         body_stats = {ids[k]: v for k, v in self.body_stats.items() if k in ids}
         in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
         body_smoothing = smooth_bodies(in_bodies, body_stats, body_ranges, config.smoothing)
+        bc = config.bias_correction
+        correct = CorrectBias(bc, self.bias_inputs, self.calibration.means) if bc is not None else None
         rewrite = rewrite_passes(
             plan,
             trial_ranges,
             smoothing,
             self.rules,
+            correct,
             body_ranges=body_ranges,
             body_smoothing=body_smoothing,
         )

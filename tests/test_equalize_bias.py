@@ -250,6 +250,8 @@ def test_configs_round_trip_and_are_checked() -> None:
         QuantConfig(calibration=Dynamic(), bias_correction=BiasCorrection())
     with pytest.raises(ConfigError, match="equalization must be"):
         QuantConfig(equalization=True)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="use equalization=None for weight-only"):
+        QuantConfig.weight_only("int8", None, equalization=CrossLayerEqualization())
 
 
 def test_models_without_conv_chains_are_untouched(tmp_path) -> None:

@@ -12,7 +12,8 @@ What is asserted:
   the same samples; the chosen set must be no larger than the smallest subset meeting the budget
   plus one (and the test reports when it is exactly the smallest);
 - the chosen model file is byte-identical to ``onnxq.quantize`` with the returned config (the
-  single-calibration trials are the real pipeline), and a rerun gives the same nodes and bytes.
+  single-calibration trials are the real pipeline, cross-layer equalization and bias correction
+  included), and a rerun gives the same nodes and bytes.
 """
 
 from __future__ import annotations
@@ -230,6 +231,34 @@ def test_dynamic_base_stays_dynamic(model_path, calib_feeds, tmp_path):
     assert official.output_path.read_bytes() == result.output_path.read_bytes()
     with pytest.raises(ConfigError, match="MinMax"):
         quantize_mixed(path, feeds, MixedPrecision(min_cosine=0.9, fallback="int16"), config=config)
+
+
+def test_equalized_bias_corrected_base_is_the_quantized_pipeline(model_path, calib_feeds, tmp_path):
+    """A base with per-tensor weights, cross-layer equalization and bias correction on the unbalanced
+    CNN (per-tensor weights alone collapse it): every trial equalizes and corrects as
+    ``onnxq.quantize`` does, so the all-8-bit base meets a 0.9999 budget with no node float, a
+    stricter budget keeps some float, and both files are ``onnxq.quantize``'s bytes."""
+    name = "cnn-digits-unbalanced"
+    path, feeds = model_path(name), calib_feeds(name, N)
+    config = onnxq.QuantConfig(
+        weights=onnxq.QuantSpec("int8", True, onnxq.PerTensor()),
+        equalization=onnxq.CrossLayerEqualization(),
+        bias_correction=onnxq.BiasCorrection(),
+    )
+    for target, float_nodes in ((0.9999, False), (0.999995, True)):
+        result = quantize_mixed(
+            path,
+            feeds,
+            MixedPrecision(min_cosine=target, measure_latency=False),
+            config=config,
+            output=tmp_path / f"{target}.onnx",
+            progress=False,
+        )
+        assert result.met and bool(result.chosen) == float_nodes, result.to_text()
+        official = onnxq.quantize(
+            path, feeds, config=result.config, output=tmp_path / f"{target}.q.onnx", progress=False
+        )
+        assert official.output_path.read_bytes() == result.output_path.read_bytes()
 
 
 def test_weight_only_base_keeps_weights_float(model_path, calib_feeds, tmp_path):
