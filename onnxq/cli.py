@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import logging
 import sys
 from typing import TYPE_CHECKING
 
 from onnxq import __version__
-from onnxq.config import MSE, TARGETS, Codebook, Dynamic, Entropy, MinMax, Percentile, PerTensor, QuantConfig
+from onnxq.config import (
+    AWQ,
+    GPTQ,
+    MSE,
+    TARGETS,
+    BiasCorrection,
+    Codebook,
+    CrossLayerEqualization,
+    Dynamic,
+    Entropy,
+    MinMax,
+    Percentile,
+    PerTensor,
+    QuantConfig,
+    SmoothQuant,
+)
 from onnxq.errors import ConfigError, OnnxqError
 
 if TYPE_CHECKING:
@@ -35,6 +51,9 @@ WEIGHT_ONLY = (
     "kmeans",
 )
 METHODS = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE, "dynamic": Dynamic}
+# --algorithm: what replaces round-to-nearest for --weight-only integer weights
+ALGORITHMS = {"gptq": lambda: GPTQ(), "awq": lambda: AWQ(), "awq-gptq": lambda: GPTQ(awq=AWQ())}
+INTEGER_WEIGHTS = ("int8", "uint8", "int4", "uint4", "int2", "uint2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-smoothing", action="store_true", help="turn SmoothQuant outlier migration off")
     q.add_argument(
+        "--smooth-alpha",
+        type=float,
+        metavar="A",
+        help="SmoothQuant with a fixed alpha in [0, 1] instead of one searched per tensor",
+    )
+    q.add_argument(
+        "--equalize",
+        action="store_true",
+        help="cross-layer equalization of Conv/Gemm chains joined by Relu (for per-tensor weights)",
+    )
+    q.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="subtract the expected output shift of weight rounding from Conv/Gemm biases",
+    )
+    q.add_argument(
         "--quantize-attention",
         action="store_true",
         help="quantize activation x activation MatMuls (attention's Q.K^T, P.V) too; the cpu target "
@@ -102,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         "--matmul-nbits",
         action="store_true",
         help="with --weight-only: write com.microsoft MatMulNBits directly",
+    )
+    q.add_argument(
+        "--algorithm",
+        choices=sorted(ALGORITHMS),
+        help="with --weight-only and integer weights: GPTQ, AWQ, or AWQ's scaling then GPTQ instead of "
+        "round-to-nearest (needs --calib)",
     )
     q.add_argument("--num-samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--no-fidelity", action="store_true", help="skip the fp32 comparison")
@@ -225,6 +266,16 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         else:
             fmt = "matmul_nbits" if args.matmul_nbits else "dequantize_linear"
             config = QuantConfig.weight_only(args.weight_only, block, weight_format=fmt, target=config.target)
+    algorithm = getattr(args, "algorithm", None)
+    if algorithm:
+        if getattr(args, "weight_only", None) not in INTEGER_WEIGHTS:
+            raise ConfigError(
+                f"--algorithm {algorithm} replaces round-to-nearest of integer weight-only weights: add "
+                f"--weight-only with one of {', '.join(INTEGER_WEIGHTS)}"
+            )
+        if getattr(args, "calib", None) is None:
+            raise ConfigError(f"--algorithm {algorithm} needs calibration data: add --calib")
+        changes["algorithm"] = ALGORITHMS[algorithm]()
     if getattr(args, "target", None) and args.target != config.target:
         config = config.with_changes(target=args.target)
     if getattr(args, "per_tensor", False):
@@ -238,7 +289,15 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     if getattr(args, "method", None):
         changes["calibration"] = METHODS[args.method]()
     if getattr(args, "no_smoothing", False):
+        if getattr(args, "smooth_alpha", None) is not None:
+            raise ConfigError("--smooth-alpha and --no-smoothing contradict each other: drop one")
         changes["smoothing"] = None
+    elif getattr(args, "smooth_alpha", None) is not None:
+        changes["smoothing"] = dataclasses.replace(config.smoothing or SmoothQuant(), alpha=args.smooth_alpha)
+    if getattr(args, "equalize", False):
+        changes["equalization"] = CrossLayerEqualization()
+    if getattr(args, "bias_correction", False):
+        changes["bias_correction"] = BiasCorrection()
     if getattr(args, "quantize_attention", False):
         changes["activation_matmuls"] = True
     if getattr(args, "num_samples", None):

@@ -328,8 +328,10 @@ class SmoothQuant:
     """Move activation outliers into the weights (SmoothQuant, Xiao et al. 2023), per MatMul input.
 
     For an activation ``X`` read only through DequantizeLinear by MatMuls with constant weights
-    ``W``, ``X @ W == (X / s) @ (diag(s) W)`` with ``s_k = max|X_k|^α / max|W_k|^(1-α)``: a ``Mul``
-    by ``1/s`` is inserted before the quantization of ``X`` and ``W``'s rows are scaled. Channels
+    ``W``, ``X @ W == (X / s) @ (diag(s) W)`` with ``s_k = max|X_k|^α / max|W_k|^(1-α)``: ``W``'s
+    rows are scaled, and ``1/s`` is folded into ``X``'s producer where those MatMuls are its only
+    readers (a norm's gamma and beta, a gated MLP's up projection: no op added), else applied by a
+    ``Mul`` inserted before the quantization of ``X`` (:mod:`onnxq.passes.smooth`). Channels
     whose magnitudes are all alike are left alone (``min_outlier_ratio``: the largest channel
     magnitude over the median one). ``alpha=None`` picks α per tensor from ``alphas`` (and "no
     smoothing") by the expected output error of the quantized MatMuls, computed from per-channel

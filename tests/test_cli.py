@@ -98,6 +98,25 @@ def test_quantize_options_reach_the_config(calib_npz, tmp_path, capsys) -> None:
             ["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "0.9", "--latency-threads", "0"],
             "latency_threads",
         ),
+        (["quantize", "{model}", "--calib", "{npz}", "--algorithm", "gptq"], "add --weight-only"),
+        (
+            ["quantize", "{model}", "--calib", "{npz}", "--weight-only", "nf4", "--algorithm", "awq"],
+            "add --weight-only",
+        ),
+        (["quantize", "{model}", "--weight-only", "int4", "--algorithm", "awq"], "add --calib"),
+        (
+            ["quantize", "{model}", "--calib", "{npz}", "--smooth-alpha", "0.5", "--no-smoothing"],
+            "contradict",
+        ),
+        (["quantize", "{model}", "--calib", "{npz}", "--smooth-alpha", "1.5"], "[0, 1]"),
+        (
+            ["quantize", "{model}", "--calib", "{npz}", "--bias-correction", "--method", "dynamic"],
+            "static calibration",
+        ),
+        (
+            ["quantize", "{model}", "--calib", "{npz}", "--weight-only", "int8", "--equalize"],
+            "equalization=None for weight-only",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(calib_npz, tmp_path, capsys, argv, needle) -> None:
@@ -110,6 +129,37 @@ def test_bad_input_is_one_line_and_exit_code_2(calib_npz, tmp_path, capsys, argv
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onnxq: error:") and needle in err[0]
+
+
+def test_algorithm_flags_reach_the_config() -> None:
+    """--algorithm, --smooth-alpha, --equalize and --bias-correction set the config fields the
+    library takes (the same config as the Python API's)."""
+    from onnxq.cli import _config, _parser
+
+    def config(*flags: str) -> onnxq.QuantConfig:
+        return _config(_parser().parse_args(["quantize", "m.onnx", "--calib", "c.npz", *flags]))
+
+    wo = ("--weight-only", "int4", "--block-size", "32")
+    gptq = onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.GPTQ())
+    assert config(*wo, "--algorithm", "gptq") == gptq
+    assert config(*wo, "--algorithm", "awq").algorithm == onnxq.AWQ()
+    assert config(*wo, "--algorithm", "awq-gptq").algorithm == onnxq.GPTQ(awq=onnxq.AWQ())
+    assert config("--smooth-alpha", "0.8").smoothing == onnxq.SmoothQuant(alpha=0.8)
+    assert config("--target", "qnn", "--smooth-alpha", "0.5").smoothing == onnxq.SmoothQuant(alpha=0.5)
+    both = config("--per-tensor", "--equalize", "--bias-correction")
+    assert both.equalization == onnxq.CrossLayerEqualization()
+    assert both.bias_correction == onnxq.BiasCorrection()
+
+
+def test_weight_only_algorithm_writes_what_the_library_writes(calib_npz, calib_feeds, tmp_path, capsys):
+    model, npz = calib_npz
+    out = tmp_path / "gptq.onnx"
+    argv = ["quantize", str(model), "--calib", str(npz), "-o", str(out), "--quiet"]
+    assert main([*argv, "--weight-only", "int4", "--block-size", "32", "--algorithm", "gptq"]) == 0
+    assert "GPTQ layer by layer" in capsys.readouterr().out
+    config = onnxq.QuantConfig.weight_only("int4", 32, algorithm=onnxq.GPTQ())
+    lib = onnxq.quantize(model, calib_feeds("tiny-bert", 8), config=config, output=tmp_path / "lib.onnx")
+    assert out.read_bytes() == lib.output_path.read_bytes()
 
 
 def test_inspect_plan_lists_decisions(model_path, capsys) -> None:
