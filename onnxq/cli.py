@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from onnxq import __version__
 from onnxq.config import (
@@ -161,6 +161,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where chosen nodes go: float (default) or 16-bit activations (minmax calibration only)",
     )
     amp.add_argument("--max-float-nodes", type=int, metavar="N", help="at most N nodes leave 8 bits")
+    amp.add_argument(
+        "--ranking",
+        choices=("auto", "measured", "added_error"),
+        help="order nodes leave 8 bits in: measured (each alone out of 8 bits, one quantization per "
+        "node), added_error (onnxq diff's, no quantization), auto (default: measured for a cosine or "
+        "SQNR budget of at most 64 nodes)",
+    )
     amp.add_argument(
         "--eval-samples", type=int, metavar="N", help="calibration samples the budget is checked on (16)"
     )
@@ -313,13 +320,22 @@ def _budget(args: argparse.Namespace) -> MixedPrecision | None:
     from onnxq.mixed_precision import MixedPrecision
 
     if args.min_cosine is None and args.min_sqnr is None:
-        options = ("fallback", "max_float_nodes", "eval_samples", "latency_threads", "latency_spinning")
+        options = (
+            "fallback",
+            "max_float_nodes",
+            "eval_samples",
+            "ranking",
+            "latency_threads",
+            "latency_spinning",
+        )
         given = [f for f in options if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ConfigError(f"{flags} only apply to mixed precision: add --min-cosine or --min-sqnr")
         return None
-    extra = {"eval_samples": args.eval_samples} if args.eval_samples is not None else {}
+    extra: dict[str, Any] = {"eval_samples": args.eval_samples} if args.eval_samples is not None else {}
+    if args.ranking is not None:
+        extra["ranking"] = args.ranking
     return MixedPrecision(
         min_cosine=args.min_cosine,
         min_sqnr_db=args.min_sqnr,

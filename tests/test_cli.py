@@ -94,6 +94,7 @@ def test_quantize_options_reach_the_config(calib_npz, tmp_path, capsys) -> None:
         ),
         (["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "2"], "min_cosine"),
         (["quantize", "{model}", "--calib", "{npz}", "--latency-spinning"], "--latency-spinning only apply"),
+        (["quantize", "{model}", "--calib", "{npz}", "--ranking", "measured"], "--ranking only apply"),
         (
             ["quantize", "{model}", "--calib", "{npz}", "--min-cosine", "0.9", "--latency-threads", "0"],
             "latency_threads",
@@ -264,10 +265,13 @@ def test_min_cosine_runs_mixed_precision(calib_npz, tmp_path, capsys) -> None:
         f"{target:.9f}",
         "--latency-threads",
         "1",
+        "--ranking",
+        "measured",
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "budget output cosine >=" in text and ": MET with" in text
+    assert "by output SQNR it gains alone" in text and "ranking measured: each of the" in text
     assert "nodes kept in float:" in text and "latency on ORT CPU EP (1 thread, spinning off)" in text
     assert "size: fp32" in text
     assert f"written: {out}" in text

@@ -7,6 +7,9 @@ What is asserted:
 - a budget in between: the chosen set meets it, the ranked prefix one node shorter does not (the
   search found the smallest prefix), and after refinement removing any single chosen node breaks
   the budget (every chosen node is needed);
+- the ranking is the brute-force leave-one-out one: each candidate alone kept float by
+  ``onnxq.quantize(exclude_nodes=...)``, its output SQNR gain measured with numpy, gives the
+  report's gains and order;
 - the brute-force check: every subset of the CNN's candidate nodes with fewer nodes than chosen
   is quantized independently with ``onnxq.quantize(exclude_nodes=...)`` and scored with numpy on
   the same samples; the chosen set must be no larger than the smallest subset meeting the budget
@@ -141,6 +144,33 @@ def test_brute_force_agrees(cnn, cnn_between, tmp_path):
     assert size <= best + 1, f"chose {size} nodes, brute force meets the budget with {best}"
     # The chosen set itself, measured independently, meets the budget.
     assert _cosine(ref, _outputs(result.output_path, feeds)) >= BETWEEN
+
+
+def test_ranking_is_the_brute_force_leave_one_out(cnn, cnn_between, tmp_path):
+    """The report's ranking, recomputed by brute force: each candidate alone kept float with
+    ``onnxq.quantize(exclude_nodes=...)``, the output SQNR over the same samples measured with
+    numpy. The gains agree to 0.01 dB and the order is theirs (largest gain first)."""
+    path, feeds = cnn
+    result = cnn_between
+    assert result.ranked_by == "measured" and result.ranking_quantizations == len(result.ranking)
+    ref = _outputs(path, feeds)
+
+    def sqnr(out: list[np.ndarray]) -> float:
+        a = np.concatenate([r.ravel() for r in ref]).astype(np.float64)
+        b = np.concatenate([o.ravel() for o in out]).astype(np.float64)
+        return 10 * math.log10(float(a @ a) / float((a - b) @ (a - b)))
+
+    base = onnxq.quantize(path, feeds, config=onnxq.QuantConfig(fidelity=False), output=tmp_path / "b.onnx")
+    base_db = sqnr(_outputs(base.output_path, feeds))
+    brute = {}
+    for c in result.ranking:
+        config = onnxq.QuantConfig(exclude_nodes=(escape_name(c.name),), fidelity=False)
+        out = onnxq.quantize(path, feeds, config=config, output=tmp_path / "one.onnx", progress=False)
+        brute[c.name] = sqnr(_outputs(out.output_path, feeds)) - base_db
+        assert c.gain_db == pytest.approx(brute[c.name], abs=0.01), c.name
+    gains = [brute[c.name] for c in result.ranking]
+    assert gains == sorted(gains, reverse=True)
+    assert [c.rank for c in result.ranking] == list(range(1, len(gains) + 1))
 
 
 def test_eval_fn_budget_and_int16_fallback(cnn, tmp_path):
@@ -310,7 +340,9 @@ def test_budget_validation():
         MixedPrecision(eval_fn=lambda p: 0.0, max_drop=1.0).to_dict()
     with pytest.raises(ConfigError, match="latency_threads"):
         MixedPrecision(min_cosine=0.9, latency_threads=0)
-    budget = MixedPrecision(min_cosine=0.99, max_float_nodes=3, latency_threads=2)
+    with pytest.raises(ConfigError, match="'auto', 'measured' or 'added_error'"):
+        MixedPrecision(min_cosine=0.9, ranking="random")  # type: ignore[arg-type]
+    budget = MixedPrecision(min_cosine=0.99, max_float_nodes=3, latency_threads=2, ranking="added_error")
     assert MixedPrecision.from_dict(budget.to_dict()) == budget
     assert escape_name("a[0]/b*?") == "a[[]0]/b[*][?]"
 
