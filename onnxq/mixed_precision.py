@@ -918,7 +918,7 @@ def quantize_mixed(
         measure = budget.ranking == "measured" or (
             budget.ranking == "auto" and budget.eval_fn is None and len(ranking) <= budget.max_measured
         )
-        if measure and ranking and not before.met:
+        if measure and ranking and not before.met and before.outputs:  # float outputs to measure
             base_sqnr = min(o.sqnr_db for o in before.outputs)
             gains: dict[str, float] = {}
             for c in tqdm(ranking, desc="mixed precision: ranking", unit="node", disable=not progress):

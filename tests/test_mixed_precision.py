@@ -199,6 +199,7 @@ def test_eval_fn_budget_and_int16_fallback(cnn, tmp_path):
     budget = MixedPrecision(min_sqnr_db=target, fallback="int16", measure_latency=False)
     r16 = quantize_mixed(path, feeds, budget, output=tmp_path / "i16.onnx", progress=False)
     assert r16.met and r16.chosen and r16.after.min_sqnr_db() >= target
+    assert r16.ranked_by == "measured" and all(c.gain_db is not None for c in r16.ranking)
     assert any(s is not None and s.dtype in ("uint16", "int16") for s in r16.config.overrides.values())
     assert r16.size_after < r16.size_fp32  # weights in 16 bits, not float
 
