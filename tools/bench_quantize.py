@@ -70,7 +70,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -90,6 +89,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tools.machine import machine_info  # noqa: E402
 
 log = logging.getLogger("bench_quantize")
 
@@ -185,52 +186,6 @@ def load_samples(npz: Path) -> list[dict[str, np.ndarray]]:
 def save_samples(samples: list[dict[str, np.ndarray]], npz: Path) -> None:
     """Write a list of feed dicts to one ``.npz``."""
     np.savez(npz, **{f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()})
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, memory and library versions."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    import onnx
-    import onnxruntime
-
-    try:
-        import onnxq
-
-        onnxq_version = onnxq.__version__
-    except Exception as exc:  # another engineer may be mid-edit: report, don't die here
-        onnxq_version = f"import failed: {type(exc).__name__}: {exc}"
-    git = {}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "onnxq"], cwd=REPO, capture_output=True, text=True
-        ).stdout.split("\n")
-        git = {"head": head, "onnxq_modified_files": sum(1 for line in dirty if line.strip())}
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "mem_total_gb": round(mem / 1e9, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "onnxq": onnxq_version,
-        "numpy": np.__version__,
-        "git": git,
-    }
 
 
 def ort_session_options() -> Any:

@@ -68,11 +68,9 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +88,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tools.machine import machine_info  # noqa: E402
 
 log = logging.getLogger("fidelity")
 
@@ -380,39 +380,6 @@ def _select(feed: Feed, sess: Any, index: int = 0) -> Feed:
 
     full = branch_feed(feed, index)
     return {i.name: full[i.name] for i in sess.get_inputs()}
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, library versions and the git state of ``onnxq/`` (it may be mid-change)."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import onnxruntime
-
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-    }
-    try:
-        import onnxq
-
-        info["onnxq"] = onnxq.__version__
-    except Exception as exc:
-        info["onnxq"] = f"import failed: {_one_line(exc)}"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "onnxq"], cwd=REPO, capture_output=True, text=True
-        ).stdout.splitlines()
-        info["git"] = {"head": head, "onnxq_modified_files": len([d for d in dirty if d.strip()])}
-    return info
 
 
 # ----------------------------------------------------------------------------------------------
