@@ -96,21 +96,20 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from onnxq.calibrate import CalibrationResult, calibrate, session_options
+from onnxq.calibrate import CalibrationResult, session_options
 from onnxq.config import Dynamic, MinMax, QuantConfig, QuantSpec
 from onnxq.data import Sample, checked_samples, model_inputs, peek_samples
 from onnxq.diff import DiffReport, diff
 from onnxq.errors import ConfigError, OnnxqError, OutputError, QuantizationError
 from onnxq.metrics import RunningError
 from onnxq.model_io import load_model, save_model
-from onnxq.passes.bias_correction import BiasStatistics, CorrectBias
+from onnxq.passes.bias_correction import CorrectBias
 from onnxq.passes.declared_types import KeepDeclaredTypes, declared_types
 from onnxq.passes.dynamic import dynamic_passes
 from onnxq.passes.equalize import equalize_model
 from onnxq.passes.smooth import (
     SmoothActivations,
     Smoothing,
-    body_channels,
     choose_scales,
     find_body_candidates,
     find_candidates,
@@ -123,6 +122,7 @@ from onnxq.pipeline import (
     _file_size,
     _real_positions,
     _same_shapes,
+    calibrate_plan,
     check_model_file,
     make_plan,
     prepare_model,
@@ -575,27 +575,11 @@ class _Builder:
         # Bodies keep the base plan's quantization in every trial (the search ranks main-graph
         # nodes), with their ranges and SmoothQuant statistics keyed by body label: every trial
         # loads the model afresh, so its bodies are other objects.
-        in_bodies = find_body_candidates(plan.bodies) if self.base.smoothing is not None else {}
         # Bias correction's input means, for every node the base plan quantizes: a trial corrects
         # those it still quantizes, from the same fp32 statistics quantize gathers.
-        bc = self.base.bias_correction
-        bc_stats = BiasStatistics(model, plan, bc) if bc is not None else None
-        self.calibration = calibrate(
-            model,
-            tensors,
-            samples,
-            self.base.calibration,
-            total=self.base.num_samples,
-            keep=0,
-            progress=False,
-            channels=channels,
-            means=bc_stats.tensors if bc_stats is not None else None,
-            bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
-            body_channels=body_channels(in_bodies),
+        self.calibration, self.bias_inputs = calibrate_plan(
+            model, plan, self.base, tensors, samples, channels, keep=0, progress=False
         )
-        if bc_stats is not None:
-            bc_stats.remove()
-            self.bias_inputs = bc_stats.inputs
         labels = {id(b.graph): b.label for b in plan.bodies}
         self.body_ranges = {labels[k]: v for k, v in self.calibration.body_ranges.items()}
         self.body_stats = {labels[k]: v for k, v in self.calibration.body_channels.items()}

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from onnx_ir.passes.common import (
 
 from onnxq import metrics, model_io
 from onnxq.calibrate import CalibrationResult, calibrate, proto_for_ort, segment_opener
-from onnxq.config import Dynamic, MinMax, QuantConfig
+from onnxq.config import Dynamic, MinMax, QuantConfig, QuantSpec
 from onnxq.data import Sample, model_inputs, peek_samples
 from onnxq.errors import (
     CalibrationDataError,
@@ -464,6 +464,45 @@ def _spill_for(model: ir.Model, output: Path | None) -> Iterator[SpillFile | Non
             spill.close()
 
 
+def calibrate_plan(
+    model: ir.Model,
+    plan: QuantPlan,
+    config: QuantConfig,
+    tensors: Mapping[str, QuantSpec],
+    samples: Iterator[Sample],
+    channels: Iterable[str],
+    *,
+    keep: int,
+    progress: bool,
+) -> tuple[CalibrationResult, dict[str, tuple[str, int]]]:
+    """One streaming pass for ``plan``: the ranges of ``tensors``, the per-channel statistics of
+    ``channels`` and of the SmoothQuant candidates in its bodies, and, with ``config``'s bias
+    correction, the input means of every node the plan quantizes. Returns the calibration and bias
+    correction's inputs (node -> its mean tensor and axis; empty without it); the temporary
+    statistics nodes are gone from ``model`` again."""
+    in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
+    bc = config.bias_correction
+    bc_stats = BiasStatistics(model, plan, bc) if bc is not None else None
+    try:
+        calibration = calibrate(
+            model,
+            tensors,
+            samples,
+            config.calibration,
+            total=config.num_samples,
+            keep=keep,
+            progress=progress,
+            channels=channels,
+            means=bc_stats.tensors if bc_stats is not None else None,
+            bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
+            body_channels=body_channels(in_bodies),
+        )
+    finally:
+        if bc_stats is not None:
+            bc_stats.remove()
+    return calibration, bc_stats.inputs if bc_stats is not None else {}
+
+
 def _calibrated_rewrite(
     ir_model: ir.Model, config: QuantConfig, samples: Iterator[Sample], keep: int, progress: bool
 ) -> tuple[QuantPlan, CalibrationResult, dict[str, Any], ir.passes.PassManager]:
@@ -471,23 +510,10 @@ def _calibrated_rewrite(
     plan = make_plan(ir_model, config)
     candidates = find_candidates(ir_model, plan) if config.smoothing is not None else {}
     in_bodies = find_body_candidates(plan.bodies) if config.smoothing is not None else {}
-    bc = config.bias_correction
-    bc_stats = BiasStatistics(ir_model, plan, bc) if bc is not None else None  # removed after calibration
-    calibration = calibrate(
-        ir_model,
-        {name: plan.activations[name].spec for name in plan.calibration_tensors()},
-        samples,
-        config.calibration,
-        total=config.num_samples,
-        keep=keep,
-        progress=progress,
-        channels=candidates,
-        means=bc_stats.tensors if bc_stats is not None else None,
-        bodies={id(b.graph): b.plan.calibration_tensors() for b in plan.bodies},
-        body_channels=body_channels(in_bodies),
+    tensors = {name: plan.activations[name].spec for name in plan.calibration_tensors()}
+    calibration, bias_inputs = calibrate_plan(
+        ir_model, plan, config, tensors, samples, candidates, keep=keep, progress=progress
     )
-    if bc_stats is not None:
-        bc_stats.remove()
     scales = (
         choose_scales(candidates, calibration.channels, plan, config.smoothing)
         if config.smoothing is not None
@@ -497,7 +523,8 @@ def _calibrated_rewrite(
     body_smoothing = smooth_bodies(
         in_bodies, calibration.body_channels, calibration.body_ranges, config.smoothing
     )
-    correct = CorrectBias(bc, bc_stats.inputs, calibration.means) if bc_stats is not None else None
+    bc = config.bias_correction
+    correct = CorrectBias(bc, bias_inputs, calibration.means) if bc is not None else None
     rewrite = rewrite_passes(
         plan,
         calibration.ranges,
