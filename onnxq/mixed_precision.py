@@ -495,14 +495,17 @@ def _latencies(
     paths: dict[str, Path], samples: Sequence[Sample], budget: MixedPrecision
 ) -> tuple[dict, dict]:
     """Median ms per model over interleaved rounds, and the median over rounds of each model's
-    time over fp32's in the same round, on ORT's CPU EP with the budget's latency setting."""
+    time over fp32's in the same round, on ORT's CPU EP with the budget's latency setting. Each
+    timed block has a session of its own, the only one alive: no other model's threads spin or
+    sleep beside it, and memory holds one model at a time."""
     so = session_options(threads=budget.latency_threads, spinning=budget.latency_spinning)
-    sessions = {k: ort.InferenceSession(str(p), so, providers=[CPU_EP]) for k, p in paths.items()}
     per_round: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(budget.latency_rounds):
-        for key, sess in sessions.items():
+        for key, path in paths.items():
+            sess = ort.InferenceSession(str(path), so, providers=[CPU_EP])
             names = [o.name for o in sess.get_outputs()]
             per_round[key].append(timed_runs(lambda s, sess=sess, names=names: sess.run(names, s), samples))
+            del sess
     ms = {k: statistics.median(v) for k, v in per_round.items()}
     ratio = {
         k: statistics.median(t / f for t, f in zip(v, per_round["fp32"], strict=True))
