@@ -7,7 +7,6 @@ weight-only pass's hook) or layer by layer (:func:`sequential_gptq`). Step 3 of 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,8 +26,6 @@ from onnxq.weight_stats import (
     weight_block,
     weight_rows,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _params(

@@ -7,7 +7,6 @@ quantized ones (:func:`layer_by_layer`). The pipeline is described in :mod:`onnx
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -20,13 +19,8 @@ from onnxq.errors import CalibrationDataError
 from onnxq.passes._util import Namer, add_float_channels, release
 from onnxq.segments import ActivationStore, SampleFailed, run_sample
 
-log = logging.getLogger(__name__)
-
-
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-
-
-_SEED = 0x5EED
+_SEED = 0x5EED  # the reservoir's row keys: seeded by the sample index, the same rows however sharded
 
 
 @dataclass
