@@ -52,7 +52,7 @@ WEIGHT_ONLY = (
 )
 METHODS = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE, "dynamic": Dynamic}
 # --algorithm: what replaces round-to-nearest for --weight-only integer weights
-ALGORITHMS = {"gptq": lambda: GPTQ(), "awq": lambda: AWQ(), "awq-gptq": lambda: GPTQ(awq=AWQ())}
+ALGORITHMS = {"gptq": GPTQ(), "awq": AWQ(), "awq-gptq": GPTQ(awq=AWQ())}
 INTEGER_WEIGHTS = ("int8", "uint8", "int4", "uint4", "int2", "uint2")
 
 
@@ -282,7 +282,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
             )
         if getattr(args, "calib", None) is None:
             raise ConfigError(f"--algorithm {algorithm} needs calibration data: add --calib")
-        changes["algorithm"] = ALGORITHMS[algorithm]()
+        changes["algorithm"] = ALGORITHMS[algorithm]
     if getattr(args, "target", None) and args.target != config.target:
         config = config.with_changes(target=args.target)
     if getattr(args, "per_tensor", False):

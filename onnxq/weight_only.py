@@ -186,12 +186,12 @@ def quantize_weight_only(
 
 
 def quantized_weights(model: ir.Model, config: QuantConfig) -> dict[str, list[tuple[str, str]]]:
-    """The weights ``config`` would quantize in ``model`` (after :func:`canonical_passes`, which
-    this runs on it; no weight is changed): weight name → its ``(node name, op type)`` readers.
-    Excluding any one reader keeps the weight float."""
+    """The weights ``config`` would quantize in ``model``, a model :func:`canonical_passes` ran on
+    (no weight is changed): weight name → its ``(node name, op type)`` readers. Excluding any one
+    reader keeps the weight float."""
     wo = WeightOnlyQuantize(config.weights, config.weight_format, excluder(config))
     wo.dry_run = True
-    ir.passes.PassManager([*canonical_passes(), wo])(model)
+    wo(model)
     return wo.readers
 
 

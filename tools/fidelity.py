@@ -211,7 +211,7 @@ def amp_quantizer(task: Task) -> Quantizer:
         from onnxq.mixed_precision import MixedPrecision, quantize_mixed
 
         eval_fn, max_drop, what, extra = task.amp_budget()
-        budget = MixedPrecision(eval_fn=eval_fn, max_drop=max_drop, **extra)
+        budget = MixedPrecision(eval_fn=eval_fn, max_drop=max_drop, ranking=task.args.amp_ranking, **extra)
         base = (
             onnxq.QuantConfig.from_json(task.args.amp_config) if task.args.amp_config else onnxq.QuantConfig()
         )
@@ -871,6 +871,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp-ppl-pct", type=float, default=3.0, help="onnxq-amp: smollm2 ppl rise (%%)")
     p.add_argument(
         "--amp-config", metavar="CONFIG.json", help="onnxq-amp: the base config (default: QuantConfig())"
+    )
+    p.add_argument(
+        "--amp-ranking",
+        choices=("auto", "measured", "added_error"),
+        default="auto",
+        help="onnxq-amp: MixedPrecision(ranking=...), the order nodes leave 8 bits in",
     )
     p.add_argument("--amp-windows", type=int, default=4, help="onnxq-amp: smollm2 evaluation windows")
     p.add_argument(
